@@ -1,0 +1,232 @@
+"""Reading and writing checkpoints: safetensors by default, `.pth` only with `weights_only=True`.
+
+All key conversions live in one filter (`filter_state_dict`), like timm's `checkpoint_filter_fn`: unwrapping
+`{'model': ...}` / `state_dict` / `state_dict_ema` / `model_ema`, stripping `module.` (DDP) and `_orig_mod.`
+(torch.compile) prefixes, Hugging Face ViT/DeiT names (METHODS 1.1) and `pos_embed` resampling for a new
+image size. A checkpoint that still does not fit raises one `CheckpointError` that lists what is wrong.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import CheckpointError, CheckpointNotFoundError
+
+PathLike = Union[str, os.PathLike]
+_WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema", "module")
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did: keys left at their initial value, keys ignored, keys converted."""
+
+    missing: list = field(default_factory=list)
+    unexpected: list = field(default_factory=list)
+    mismatched: list = field(default_factory=list)  # (key, checkpoint shape, model shape)
+    converted: list = field(default_factory=list)  # human-readable notes (HF names, pos_embed resampled, ...)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """Load the raw object stored at `path` (a dict), safely. Raises CheckpointNotFoundError / CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint not found: {str(path)!r}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is a directory; give the .safetensors or .pth file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {str(path)!r}: it holds Python objects beyond plain tensors and numbers, and "
+            f"unpickling them could run arbitrary code (dynavit only loads with weights_only=True). Re-save the "
+            f"state dict alone, or convert it to safetensors. Detail: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def unwrap_state_dict(obj: Mapping) -> dict:
+    """Return the tensor dict inside the usual wrappers ({'model': ...}, {'state_dict': ...}, EMA copies)."""
+    for key in _WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+            return dict(inner)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"no tensors found in checkpoint (top-level keys: {sorted(obj)[:10]})")
+    return tensors
+
+
+_HF_RULES = [  # (pattern, replacement), applied after the 'vit.' / 'deit.' prefix is removed
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.distillation_token$", "dist_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+    (r"^cls_classifier\.", "head."),
+    (r"^distillation_classifier\.", "head_dist."),
+]
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def convert_hf_vit(sd: dict) -> dict:
+    """Hugging Face ViT/DeiT names -> timm names; query/key/value are concatenated (q; k; v) into qkv."""
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        k = re.sub(r"^(vit|deit)\.", "", key)
+        if k.startswith("pooler."):
+            continue  # HF's pooler is not part of ViT/DeiT classification
+        m = _HF_QKV.match(k)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        for pattern, repl in _HF_RULES:
+            if re.match(pattern, k):
+                k = re.sub(pattern, repl, k)
+                break
+        out[k] = value
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise CheckpointError(f"Hugging Face checkpoint layer {layer}: incomplete q/k/v {kind} ({sorted(parts)})")
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def _is_hf(sd: Mapping) -> bool:
+    return any(k.startswith(("vit.embeddings.", "deit.embeddings.", "embeddings.patch_embeddings")) for k in sd)
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple, num_prefix: int) -> Tensor:
+    """(1, P + h*w, C) -> (1, P + H*W, C): bicubic over the patch grid, prefix slots kept as they are."""
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(math.sqrt(grid.shape[1]))
+    if old * old != grid.shape[1]:
+        raise CheckpointError(f"pos_embed has {grid.shape[1]} patch positions, not a square grid")
+    C = grid.shape[-1]
+    grid = grid.reshape(1, old, old, C).permute(0, 3, 1, 2).float()  # (1, C, h, w)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def filter_state_dict(sd: Mapping, model: nn.Module, report: Optional[LoadReport] = None) -> dict:
+    """Convert a checkpoint's keys and shapes to those of `model` where a known conversion exists."""
+    report = report if report is not None else LoadReport()
+    sd = unwrap_state_dict(sd)
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            report.converted.append(f"stripped prefix {prefix!r}")
+    if _is_hf(sd):
+        sd = convert_hf_vit(sd)
+        report.converted.append("Hugging Face ViT/DeiT names -> timm names")
+    custom = getattr(model, "checkpoint_filter", None)
+    if callable(custom):
+        sd = custom(sd)
+    target = model.state_dict()
+    pos = sd.get("pos_embed")
+    if pos is not None and "pos_embed" in target and pos.shape != target["pos_embed"].shape:
+        num_prefix = getattr(model, "num_prefix_tokens", 1)
+        if pos.ndim == 3 and pos.shape[-1] == target["pos_embed"].shape[-1]:
+            sd["pos_embed"] = resample_pos_embed(pos, model.grid_size, num_prefix)
+            report.converted.append(f"pos_embed resampled {tuple(pos.shape)} -> {tuple(sd['pos_embed'].shape)}")
+    return sd
+
+
+def _fmt(keys: list, limit: int = 12) -> str:
+    shown = ", ".join(str(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True,
+                    source: str = "state dict") -> LoadReport:
+    """Load an in-memory state dict through the same filter and checks as `load_checkpoint`."""
+    report = LoadReport()
+    sd = filter_state_dict(state_dict, model, report)
+    target = model.state_dict()
+    report.missing = [k for k in target if k not in sd]
+    report.unexpected = [k for k in sd if k not in target]
+    report.mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in sd
+                         if k in target and sd[k].shape != target[k].shape]
+    if strict and not report.ok:
+        name = getattr(model, "model_name", type(model).__name__)
+        lines = [f"checkpoint {source} does not fit model {name!r}:"]
+        if report.mismatched:
+            lines.append("  shape mismatches (key: checkpoint vs model): "
+                         + _fmt([f"{k}: {a} vs {b}" for k, a, b in report.mismatched]))
+        if report.missing:
+            lines.append(f"  missing keys ({len(report.missing)}): {_fmt(report.missing)}")
+        if report.unexpected:
+            lines.append(f"  unexpected keys ({len(report.unexpected)}): {_fmt(report.unexpected)}")
+        lines.append("  (is it for another architecture, method or number of classes? load_checkpoint(..., "
+                     "strict=False) loads what fits)")
+        raise CheckpointError("\n".join(lines))
+    bad = {k for k, _, _ in report.mismatched}
+    fitting = {k: v for k, v in sd.items() if k in target and k not in bad}
+    with torch.no_grad():
+        for k, v in fitting.items():
+            target[k].copy_(v.to(target[k].dtype))
+    return report
+
+
+def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> LoadReport:
+    """Load weights from `.safetensors` or `.pth` / `.pth.tar` into `model` (in place).
+
+    Args:
+        model: the model (with its method attached, if the checkpoint has the method's parameters).
+        path: the file. `.pth` files are read with `torch.load(weights_only=True)` only.
+        strict: raise a CheckpointError listing missing / unexpected / mismatched keys unless all fit.
+    """
+    return load_state_dict(model, read_checkpoint(path), strict=strict, source=repr(str(path)))
+
+
+def save_checkpoint(model_or_state: Union[nn.Module, Mapping], path: PathLike,
+                    metadata: Optional[dict] = None) -> Path:
+    """Write weights as safetensors, atomically (temporary file, then rename). Returns the path."""
+    from safetensors.torch import save_file
+
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,55 @@
+"""The `dynavit` command line. Each subcommand is a module in this package with `add_parser(subparsers)` and
+`run(args) -> int`; modules are discovered, so a new subcommand is a new file.
+
+Errors of dynavit's own types print as one line and exit with status 2 (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Optional, Sequence
+
+from ..errors import DynavitError
+
+ORDER = ["models", "info", "flops", "bench", "train", "eval", "demo", "viz", "export"]
+
+
+def _subcommand_modules():
+    found = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return [importlib.import_module(f"{__name__}.{n}") for n in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynavit", description="Per-image token reduction for vision "
+                                     "transformers: DynamicViT, BAT, DiT, EViT, ToMe.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _subcommand_modules():
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except DynavitError as e:
+        if args.debug:
+            raise
+        msg = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"dynavit: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dynavit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Error types a user can act on. Every message names the offending value and what is allowed."""
+from __future__ import annotations
+
+import difflib
+
+
+class DynavitError(Exception):
+    """Base class of every error dynavit raises on purpose (the CLI prints these in one line)."""
+
+
+class ConfigError(DynavitError, ValueError):
+    """A hyperparameter or argument outside its allowed range (keep_rate, r, budget, ...)."""
+
+
+class InputError(DynavitError, ValueError):
+    """An input tensor of the wrong size, channel count or dtype."""
+
+
+class UnknownNameError(DynavitError, ValueError):
+    """An unknown model or method name (the message suggests the closest known names)."""
+
+
+class CheckpointError(DynavitError, ValueError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
+
+
+class CheckpointNotFoundError(DynavitError, FileNotFoundError):
+    """A checkpoint or data path that does not exist."""
+
+
+class DataError(DynavitError, ValueError):
+    """An empty or malformed dataset folder."""
+
+
+class TrainingError(DynavitError, RuntimeError):
+    """A run that cannot continue (NaN loss, output directory already in use, ...)."""
+
+
+def unknown_name(kind: str, name: str, known) -> UnknownNameError:
+    """Build an UnknownNameError for `name` with a 'did you mean' from `known`."""
+    known = sorted(known)
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    shown = ", ".join(known[:40]) + (", ..." if len(known) > 40 else "")
+    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {shown}.")
+
+
+def check_keep_rate(keep_rate, name: str = "keep_rate") -> float:
+    """Validate a keep rate in (0, 1]."""
+    try:
+        value = float(keep_rate)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number in (0, 1], got {keep_rate!r}") from None
+    if not (0.0 < value <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1], got {keep_rate!r}")
+    return value

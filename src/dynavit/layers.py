@@ -1,0 +1,146 @@
+"""Transformer layers shared by every ViT-style backbone: patch embedding, MLP, attention, block.
+
+Attention runs fused (`scaled_dot_product_attention`). Token-reduction methods get what they need from it
+without giving that up: the class-token row of the attention (`need_cls_attn`, O(N C)), the head-averaged keys
+(`need_keys`, ToMe), an additive bias (`attn_bias`, ToMe's log-size) and DynamicViT's training policy (an
+explicit masked softmax, METHODS 3.3, used only while training with a policy).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tokens import class_attention
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> patch tokens (B, N, C) by a strided convolution (ViT / DeiT)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training."""
+
+    def __init__(self, prob: float = 0.0):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def softmax_with_policy(attn: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's masked softmax (METHODS 3.3). attn (B, H, T, T) logits, policy (B, T) in {0, 1}.
+
+    Keys of dropped tokens are masked out, every query keeps its own key (self-loop), computed in float32.
+    """
+    B, T = policy.shape
+    key_policy = policy.reshape(B, 1, 1, T)
+    eye = torch.eye(T, dtype=key_policy.dtype, device=policy.device).view(1, 1, T, T)
+    key_policy = key_policy + (1.0 - key_policy) * eye  # G_ij = D_j, G_ii = 1
+    attn = attn - attn.max(dim=-1, keepdim=True)[0]
+    attn = attn.float().exp() * key_policy.float()
+    attn = (attn + eps / T) / (attn.sum(dim=-1, keepdim=True) + eps)
+    return attn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, fused, with the extras token-reduction methods need.
+
+    forward(x (B, T, C)) -> (out (B, T, C), cls_attn (B, T) or None, keys (B, T, d) or None)
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_bias: Optional[Tensor] = None, policy: Optional[Tensor] = None,
+                need_cls_attn: bool = False, need_keys: bool = False):
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, d)
+        cls_attn = None
+        if policy is not None:
+            # explicit path: DynamicViT training masks keys with the (soft) policy
+            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, T)
+            if attn_bias is not None:
+                attn = attn + attn_bias
+            attn = softmax_with_policy(attn, policy).to(v.dtype)
+            out = attn @ v
+            if need_cls_attn:
+                cls_attn = attn[:, :, 0].mean(dim=1)
+        else:
+            mask = attn_bias.to(q.dtype) if attn_bias is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if need_cls_attn:
+                cls_attn = class_attention(q[:, :, :1], k, self.scale, attn_bias)
+        keys = k.mean(dim=1) if need_keys else None
+        out = self.proj(out.transpose(1, 2).reshape(B, T, C))
+        return out, cls_attn, keys
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `residual_scale` is 1 for ViT and 1/2 for LV-ViT (its skip_lam = 2).
+
+    The two residual halves are separate methods: token-reduction methods act between them.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6, residual_scale: float = 1.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.residual_scale = residual_scale
+        self.drop_path = DropPath(drop_path)
+
+    def _residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        branch = self.drop_path(branch)
+        if self.residual_scale != 1.0:
+            branch = branch * self.residual_scale
+        return x + branch
+
+    def attn_residual(self, x: Tensor, **attn_kwargs):
+        """x + attn(norm1(x)); returns (x, cls_attn, keys)."""
+        out, cls_attn, keys = self.attn(self.norm1(x), **attn_kwargs)
+        return self._residual(x, out), cls_attn, keys
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return self._residual(x, self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp_residual(self.attn_residual(x)[0])

@@ -1,0 +1,131 @@
+"""Registries of backbones and token-reduction methods, and `create_model` (timm-style).
+
+Backbones register a constructor with `@register_model`; methods register an `apply(model, **params)` with
+`@register_method(name, params=..., families=...)`. Every module in `dynavit.models` and `dynavit.methods` is
+imported on first use, so a new file registers itself.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from .errors import ConfigError, unknown_name
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_METHODS: dict[str, "MethodSpec"] = {}
+_loaded = False
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    apply: Callable[..., nn.Module]  # apply(model, **params) -> model with the method attached
+    params: tuple  # keyword arguments the method takes (the rest of create_model's kwargs go to the backbone)
+    families: tuple  # model families it supports (model.family)
+    doc: str = ""
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a backbone constructor under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def register_method(name: str, params: tuple = (), families: tuple = ("vit",), doc: str = ""):
+    """Register `apply(model, **params)` as token-reduction method `name`."""
+
+    def deco(fn):
+        _METHODS[name] = MethodSpec(name, fn, tuple(params), tuple(families), doc or (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for pkg_name in ("dynavit.models", "dynavit.methods"):
+        pkg = importlib.import_module(pkg_name)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{pkg_name}.{mod.name}")
+
+
+def list_models() -> list[str]:
+    _load_all()
+    return sorted(_MODELS)
+
+
+def list_methods() -> dict[str, MethodSpec]:
+    _load_all()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_all()
+    if name not in _METHODS:
+        raise unknown_name("method", name, _METHODS)
+    return _METHODS[name]
+
+
+def _call_checked(fn: Callable, what: str, kwargs: dict):
+    sig = inspect.signature(fn)
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    if not accepts_any:
+        bad = [k for k in kwargs if k not in sig.parameters]
+        if bad:
+            allowed = [p for p in sig.parameters if p != "model"]
+            raise ConfigError(f"{what} got unknown argument(s) {bad}; it accepts {allowed}")
+    try:
+        return fn(**kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise ConfigError(f"{what}: {e}") from None
+        raise
+
+
+def apply_method(model: nn.Module, method: str, **params) -> nn.Module:
+    """Attach token-reduction `method` to an existing (possibly already loaded) model."""
+    spec = get_method(method)
+    family = getattr(model, "family", None)
+    if family not in spec.families:
+        raise ConfigError(f"method {method!r} does not support model {getattr(model, 'model_name', family)!r} "
+                          f"(family {family!r}); it supports families {list(spec.families)}")
+    bad = [k for k in params if k not in spec.params]
+    if bad:
+        raise ConfigError(f"method {method!r} got unknown argument(s) {bad}; it accepts {list(spec.params)}")
+    return spec.apply(model, **params)
+
+
+def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build backbone `name` (kwargs override its architecture) with an optional token-reduction `method`.
+
+    Args:
+        name: a registered model (`dynavit.list_models()`), e.g. 'deit_small_patch16_224', 'lvvit_s', 'vit'.
+        method: None for the dense model, or a registered method ('dynamicvit', 'evit', 'bat', 'tome', ...).
+        checkpoint: optional path loaded strictly with `load_checkpoint` after the method is attached.
+        **kwargs: the method's parameters (e.g. keep_rate) and architecture overrides (e.g. num_classes).
+    """
+    _load_all()
+    if name not in _MODELS:
+        raise unknown_name("model", name, _MODELS)
+    method_kwargs = {}
+    if method is not None and method != "dense":
+        spec = get_method(method)
+        method_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in spec.params}
+    model = _call_checked(_MODELS[name], f"model {name!r}", kwargs)
+    model.model_name = name
+    if method is not None and method != "dense":
+        model = apply_method(model, method, **method_kwargs)
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model
