@@ -51,3 +51,66 @@ def vit_block_macs(num_tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
     """Analytic MACs of one ViT block on T tokens: 4 T C^2 (qkv, proj) + 2 mlp_ratio T C^2 + 2 T^2 C (attention)."""
     T, C = num_tokens, dim
     return (4 + 2 * mlp_ratio) * T * C * C + 2 * T * T * C
+
+
+def _block_tokens(model: nn.Module) -> tuple:
+    """Forward pre-hooks recording the tokens entering each block's attention (ViT-style models with `blocks`)."""
+    tokens: dict = {}
+    hooks = []
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        attn = getattr(blk, "attn", None)
+        if isinstance(attn, nn.Module):
+            hooks.append(attn.register_forward_pre_hook(
+                lambda mod, args, i=i: tokens.__setitem__(i, args[0].shape[1] - prefix)))
+    return tokens, hooks
+
+
+@torch.no_grad()
+def flops_breakdown(model: nn.Module, x: Optional[torch.Tensor] = None, img_size: Optional[int] = None) -> dict:
+    """GMACs per image of the executed eval forward: total, per part, per block and per stage.
+
+    parts: the outermost counted modules in execution order (`patch_embed`, `blocks.3`, a predictor
+    `score_predictor.0`, `head`, ...), plus `(outside modules)`: matmuls a reducer runs itself (clustering,
+    matching, merging). blocks: per block, its GMACs and the non-prefix tokens entering it. stages: runs of
+    consecutive blocks with the same token count.
+    """
+    was_training = model.training
+    model.eval()
+    x = _input_for(model, 1, img_size) if x is None else x
+    tokens, hooks = _block_tokens(model)
+    counter = FlopCounterMode(display=False, depth=None)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    scale = 2e9 * x.shape[0]
+    root = type(model).__name__ + "."
+    counts = {n[len(root):]: sum(c.values()) for n, c in counter.get_flop_counts().items() if n.startswith(root)}
+    outer = [n for n in counts if not any(n.startswith(a + ".") for a in counts if a != n)]
+    parts: dict = {}
+    blocks: dict = {}
+    for name in outer:
+        key = name
+        fields = name.split(".")
+        if len(fields) >= 2 and fields[0] == "blocks" and fields[1].isdigit():
+            key = f"blocks.{fields[1]}"
+            blocks[int(fields[1])] = blocks.get(int(fields[1]), 0) + counts[name]
+        parts[key] = parts.get(key, 0) + counts[name]
+    total = counter.get_total_flops()
+    outside = total - sum(parts.values())
+    out_parts = [{"name": k, "gmacs": v / scale} for k, v in parts.items()]
+    if abs(outside) > 0:
+        out_parts.append({"name": "(outside modules)", "gmacs": outside / scale})
+    out_blocks = [{"index": i, "tokens": tokens.get(i), "gmacs": blocks[i] / scale} for i in sorted(blocks)]
+    stages: list = []
+    for b in out_blocks:
+        if stages and stages[-1]["tokens"] == b["tokens"] and stages[-1]["blocks"][1] == b["index"] - 1:
+            stages[-1]["blocks"][1] = b["index"]
+            stages[-1]["gmacs"] += b["gmacs"]
+        else:
+            stages.append({"blocks": [b["index"], b["index"]], "tokens": b["tokens"], "gmacs": b["gmacs"]})
+    return {"gmacs": total / scale, "parts": out_parts, "blocks": out_blocks, "stages": stages}

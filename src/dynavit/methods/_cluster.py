@@ -1,0 +1,175 @@
+"""Batched clustering and matching of token sets (BAT's token merger, METHODS 5). Pure functions, no loops over
+images: every function takes (B, M, C) features with the same M per image and returns index tensors.
+
+- `dpc_cluster`: density-peak clustering without iterations (Rodriguez & Laio 2014; BAT Eqs. 6-7): a density
+  per token (DPC-KNN `exp(-mean kNN d^2)` or the paper's Gaussian `exp(-sum_j d^2 / 2 sigma^2)`), the distance
+  delta to the nearest denser token, centres = top-n of rho * delta, then assignment to the nearest centre or
+  along the chain of nearest denser neighbours (classic DPC).
+- `kmeans_cluster`: Lloyd iterations (the slower alternative the paper ablates).
+- `pool_groups`: contiguous chunks of a sequence (the pooling ablation).
+- `greedy_pairs`: the most cosine-similar disjoint pairs, best first (BAT's attentive-token matching).
+
+Distances are Euclidean divided by sqrt(C), computed in float32; ties in density are broken by position
+(earlier = denser), so results are deterministic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+DENSITIES = ("knn", "gaussian")
+ASSIGNMENTS = ("nearest", "chain")
+
+
+def pairwise_distance(z: Tensor) -> Tensor:
+    """z (B, M, C) -> (B, M, M) Euclidean distances / sqrt(C), float32, exact zeros on the diagonal."""
+    z = z.float()
+    d = torch.cdist(z, z) / math.sqrt(z.shape[-1])
+    return d * (1 - torch.eye(z.shape[1], device=z.device, dtype=d.dtype))
+
+
+def log_density(dist: Tensor, density: str = "knn", k: int = 5, sigma: Optional[float] = None) -> Tensor:
+    """(B, M, M) distances -> (B, M) log rho_i (only the order and rho * delta matter, so logs avoid underflow).
+
+    knn: log rho_i = -mean of d_ij^2 over the k nearest other tokens (DPC-KNN, as TCFormer).
+    gaussian: log rho_i = -sum_j d_ij^2 / (2 sigma^2) (BAT Eq. 6); sigma=None sets 2 sigma^2 to the image's
+    mean of sum_j d_ij^2, so log rho averages -1 and delta still matters in rho * delta.
+    """
+    M = dist.shape[-1]
+    if density == "knn":
+        k = min(k, M - 1)
+        if k <= 0:
+            return dist.new_zeros(dist.shape[:2])
+        nearest = dist.topk(k + 1, dim=-1, largest=False).values[..., 1:]  # drop the token itself
+        return -(nearest ** 2).mean(dim=-1)
+    if density == "gaussian":
+        total = (dist ** 2).sum(dim=-1)  # (B, M)
+        if sigma is None:
+            two_sigma2 = total.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            two_sigma2 = 2.0 * float(sigma) ** 2
+        return -total / two_sigma2
+    raise ValueError(f"density must be one of {DENSITIES}, got {density!r}")
+
+
+def denser_mask(log_rho: Tensor) -> Tensor:
+    """(B, M) -> (B, M, M) bool, [b, i, j] = token j is denser than i (ties: the earlier position is denser)."""
+    M = log_rho.shape[-1]
+    idx = torch.arange(M, device=log_rho.device)
+    ri, rj = log_rho.unsqueeze(-1), log_rho.unsqueeze(-2)
+    return (rj > ri) | ((rj == ri) & (idx.view(1, 1, M) < idx.view(1, M, 1)))
+
+
+def dpc_delta(dist: Tensor, log_rho: Tensor) -> tuple[Tensor, Tensor]:
+    """BAT Eq. 7: delta_i = min distance to a denser token (max distance for the densest) and that token (parent).
+
+    Returns delta (B, M) and parent (B, M) (the densest token is its own parent).
+    """
+    denser = denser_mask(log_rho)  # (B, M, M)
+    delta, parent = dist.masked_fill(~denser, float("inf")).min(dim=-1)
+    top = ~denser.any(dim=-1)  # (B, M) the densest token of each image
+    delta = torch.where(top, dist.max(dim=-1).values, delta)
+    parent = torch.where(top, torch.arange(dist.shape[-1], device=dist.device).expand_as(parent), parent)
+    return delta, parent
+
+
+def dpc_centres(log_rho: Tensor, delta: Tensor, n: int, force_densest: bool = False) -> Tensor:
+    """Top-n tokens by rho * delta (computed as log rho + log delta), best first -> (B, n) positions."""
+    score = log_rho + delta.clamp_min(1e-30).log()
+    if force_densest:
+        score = score.scatter(1, log_rho.argmax(dim=-1, keepdim=True), float("inf"))
+    return score.topk(n, dim=-1, sorted=True).indices
+
+
+def assign_nearest(dist: Tensor, centres: Tensor) -> Tensor:
+    """Every token joins its nearest centre; centres join their own cluster. -> (B, M) cluster ids in [0, n)."""
+    n = centres.shape[1]
+    to_centres = torch.gather(dist, 2, centres.unsqueeze(1).expand(-1, dist.shape[1], -1))  # (B, M, n)
+    label = to_centres.argmin(dim=-1)
+    return label.scatter(1, centres, torch.arange(n, device=dist.device).expand_as(centres))
+
+
+def assign_chain(parent: Tensor, centres: Tensor) -> Tensor:
+    """Classic DPC: a token takes the cluster of its nearest denser neighbour, recursively (pointer jumping).
+
+    Every chain must end at a centre: include the densest token among the centres (force_densest).
+    """
+    B, M = parent.shape
+    n = centres.shape[1]
+    root = parent.scatter(1, centres, centres)  # centres are roots
+    for _ in range(max(1, math.ceil(math.log2(max(M, 2))))):
+        root = torch.gather(root, 1, root)
+    cluster_of = torch.full((B, M), -1, dtype=torch.long, device=parent.device)
+    cluster_of.scatter_(1, centres, torch.arange(n, device=parent.device).expand(B, n))
+    return torch.gather(cluster_of, 1, root)  # -1 only if a chain ends outside the centres (see above)
+
+
+def dpc_cluster(z: Tensor, n: int, density: str = "knn", k: int = 5, sigma: Optional[float] = None,
+                assign: str = "nearest") -> tuple[Tensor, Tensor]:
+    """Density-peak clustering of z (B, M, C) into n clusters -> (label (B, M), centres (B, n) best first)."""
+    if assign not in ASSIGNMENTS:
+        raise ValueError(f"assign must be one of {ASSIGNMENTS}, got {assign!r}")
+    dist = pairwise_distance(z)
+    log_rho = log_density(dist, density, k, sigma)
+    delta, parent = dpc_delta(dist, log_rho)
+    centres = dpc_centres(log_rho, delta, n, force_densest=(assign == "chain"))
+    label = assign_nearest(dist, centres) if assign == "nearest" else assign_chain(parent, centres)
+    return label, centres
+
+
+def kmeans_cluster(z: Tensor, n: int, iters: int = 3) -> tuple[Tensor, Tensor]:
+    """K-means of z (B, M, C) into n clusters, seeded with n evenly spaced tokens -> (label (B, M), seeds (B, n)).
+
+    Each seed token stays in its own cluster, so no cluster is empty (every merged token holds a patch).
+    """
+    B, M, C = z.shape
+    z = z.float()
+    seeds = (torch.arange(n, device=z.device) * M // n).expand(B, n)  # (B, n) distinct positions
+    centre = torch.gather(z, 1, seeds.unsqueeze(-1).expand(-1, -1, C))  # (B, n, C)
+    for _ in range(max(int(iters), 0)):
+        label = torch.cdist(z, centre).argmin(dim=-1)  # (B, M)
+        total = z.new_zeros(B, n, C).scatter_add_(1, label.unsqueeze(-1).expand(-1, -1, C), z)
+        count = z.new_zeros(B, n).scatter_add_(1, label, z.new_ones(B, M))
+        centre = torch.where(count.unsqueeze(-1) > 0, total / count.clamp_min(1).unsqueeze(-1), centre)
+    label = torch.cdist(z, centre).argmin(dim=-1)
+    return label.scatter(1, seeds, torch.arange(n, device=z.device).expand(B, n)), seeds
+
+
+def pool_groups(batch: int, length: int, n: int, device=None) -> Tensor:
+    """Contiguous chunks: position m -> floor(m * n / M), (B, M); every chunk non-empty when n <= M."""
+    return (torch.arange(length, device=device) * n // length).expand(batch, length)
+
+
+def greedy_pairs(z: Tensor, p: int) -> Tensor:
+    """The p most cosine-similar disjoint pairs of z (B, K, C), as greedy matching picks them -> (B, p, 2).
+
+    Greedy matching (repeatedly take the most similar remaining pair, remove both tokens) is computed in
+    rounds: every mutual nearest-neighbour pair among the remaining tokens belongs to it, so each round accepts
+    all of them at once; rounds stop when the p best accepted pairs beat every similarity still left. Pairs come
+    best first, the smaller position first within a pair; p <= K // 2.
+    """
+    B, K, _ = z.shape
+    dev = z.device
+    if p == 0:
+        return torch.empty(B, 0, 2, dtype=torch.long, device=dev)
+    zn = torch.nn.functional.normalize(z.float(), dim=-1)
+    sim = zn @ zn.transpose(1, 2)  # (B, K, K)
+    sim = (sim + sim.transpose(1, 2)) / 2  # exactly symmetric, so "mutual" is well defined
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    pos = torch.arange(K, device=dev)
+    partner = torch.full((B, K), -1, dtype=torch.long, device=dev)
+    edge = torch.full((B, K), float("-inf"), device=dev)  # weight of accepted pair (i, partner_i), at i < partner
+    while True:  # rounds over the whole batch (not a loop over images); usually a handful
+        best, nearest = sim.max(dim=-1)  # (B, K)
+        if bool((edge.topk(p, dim=1).values[:, -1] >= best.max(dim=-1).values).all()):
+            break
+        mutual = (torch.gather(nearest, 1, nearest) == pos) & (best > float("-inf"))
+        partner = torch.where(mutual, nearest, partner)
+        edge = torch.where(mutual & (pos < nearest), best, edge)
+        gone = partner >= 0
+        sim.masked_fill_(gone.unsqueeze(1) | gone.unsqueeze(2), float("-inf"))
+    first = edge.topk(p, dim=1).indices  # (B, p) best pairs first
+    return torch.stack([first, torch.gather(partner, 1, first)], dim=-1)

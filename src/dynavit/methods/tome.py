@@ -1,0 +1,143 @@
+"""ToMe (Bolya et al., ICLR 2023): bipartite soft matching of tokens in every block (METHODS 6).
+
+Between attention and MLP of each block, r tokens are merged: the head-averaged keys, L2-normalised, are split
+by position into A (even positions of the full sequence) and B (odd); each A token's most similar B token is
+its partner, the r best-scoring A tokens merge into their partners (size-weighted mean, sizes add) and the
+output is `[prefix, unmerged A in order, B in order]`, as the authors' code. Prefix tokens (class,
+distillation) never merge. Proportional attention adds `log(size)` to the attention logits, passed to the fused
+attention as an additive bias (B, 1, 1, T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..reduction import TokenReducer
+from ..registry import register_method
+from ..tokens import TokenState, merge_tokens
+
+RSpec = Union[int, Sequence[int], tuple]
+
+
+def parse_r(r: RSpec, depth: int) -> list[int]:
+    """r per block from an int (constant), a list (padded with 0) or (r, inflection) in [-1, 1].
+
+    (r, inflection) is ToMe's schedule: a line from r * (1 - inflection) in the first block to
+    r * (1 + inflection) in the last (truncated to ints); (r, 0) is constant, (r, -1) decreasing.
+    """
+    if isinstance(r, bool):
+        raise ConfigError(f"r must be an int, a list of ints or (r, inflection), got {r!r}")
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        if not -1.0 <= inflect <= 1.0:
+            raise ConfigError(f"ToMe inflection must be in [-1, 1], got {inflect!r}")
+        lo = int(base * (1.0 - inflect))
+        hi = 2 * base - lo
+        step = (hi - lo) / max(depth - 1, 1)
+        sched = [int(lo + step * i) for i in range(depth)]
+    elif isinstance(r, (list, tuple)):
+        if len(r) > depth:
+            raise ConfigError(f"r schedule {list(r)} is longer than the model's {depth} blocks")
+        sched = [int(v) for v in r] + [0] * (depth - len(r))
+    else:
+        try:
+            sched = [int(r)] * depth
+        except (TypeError, ValueError):
+            raise ConfigError(f"r must be an int, a list of ints or (r, inflection), got {r!r}") from None
+    if min(sched) < 0:
+        raise ConfigError(f"r must be >= 0 in every block, got {sched}")
+    return sched
+
+
+def check_schedule(sched: list[int], num_patches: int) -> None:
+    """Fail loudly (instead of ToMe's silent clamp) when a block would merge more than half its tokens."""
+    T = num_patches
+    for i, r in enumerate(sched):
+        if r > T // 2:
+            raise ConfigError(f"ToMe r={r} in block {i} exceeds the {T // 2} tokens mergeable there "
+                              f"({T} tokens left); lower r or give a per-block list / (r, inflection)")
+        T -= r
+
+
+@dataclass
+class MatchPlan:
+    """Which token goes where: group (B, T) output slot of every non-prefix token; num_groups = T - r."""
+
+    group: Tensor
+    num_groups: int
+
+
+@torch.no_grad()
+def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
+    """ToMe's bipartite soft matching on keys (B, P+T, d) (prefix tokens excluded) -> MatchPlan.
+
+    A = non-prefix tokens at even positions of the full sequence, B = odd positions (the authors' split).
+    """
+    B, L, _ = keys.shape
+    T, P = L - num_prefix, num_prefix
+    dev = keys.device
+    metric = keys[:, P:].float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    pos = torch.arange(P, L, device=dev)
+    a_idx, b_idx = (pos[pos % 2 == 0] - P), (pos[pos % 2 == 1] - P)  # token indices in [0, T)
+    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
+    node_max, node_idx = scores.max(dim=-1)  # (B, Na)
+    order = node_max.argsort(dim=-1, descending=True, stable=True)  # (B, Na)
+    src, unm = order[:, :r], order[:, r:].sort(dim=-1).values  # A positions
+    n_unm, n_b = unm.shape[1], b_idx.numel()
+    slot_a = torch.empty_like(order)  # (B, Na): output slot of each A token
+    slot_a.scatter_(1, unm, torch.arange(n_unm, device=dev).expand(B, n_unm))
+    slot_a.scatter_(1, src, n_unm + torch.gather(node_idx, 1, src))
+    group = torch.empty(B, T, dtype=torch.long, device=dev)
+    group[:, a_idx] = slot_a
+    group[:, b_idx] = n_unm + torch.arange(n_b, device=dev)
+    return MatchPlan(group, n_unm + n_b)
+
+
+class ToMeReducer(TokenReducer):
+    name = "tome"
+
+    def __init__(self, r: RSpec, depth: int, num_patches: int, prop_attn: bool = True):
+        self.depth, self.num_patches, self.prop_attn = depth, num_patches, bool(prop_attn)
+        self.set_r(r)
+
+    def set_r(self, r: RSpec) -> None:
+        """Change the merge schedule (int, per-block list or (r, inflection))."""
+        sched = parse_r(r, self.depth)
+        check_schedule(sched, self.num_patches)
+        self.r, self.schedule = r, sched
+
+    def attention_args(self, i: int, state: TokenState) -> dict:
+        kw = {"need_keys": self.schedule[i] > 0}
+        if self.prop_attn and state.sizes is not None:
+            kw["attn_bias"] = state.sizes.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, P+T)
+        return kw
+
+    def after_attention(self, model: nn.Module, i: int, state: TokenState, cls_attn: Optional[Tensor],
+                        keys: Optional[Tensor]) -> TokenState:
+        r = self.schedule[i]
+        if r <= 0:
+            return state
+        plan = bipartite_plan(keys, r, state.num_prefix)
+        state = merge_tokens(state, plan.group, state.patch_sizes(), plan.num_groups, normalize=True)
+        state.record_stage()
+        return state
+
+    def extra_repr(self) -> str:
+        return f"r={self.r!r}, prop_attn={self.prop_attn}"
+
+
+@register_method("tome", params=("r", "prop_attn"), families=("vit",))
+def apply_tome(model: nn.Module, r: RSpec = 8, prop_attn: bool = True) -> nn.Module:
+    """ToMe: merge r tokens per block by bipartite soft matching on the keys (training-free).
+
+    Args:
+        r: tokens merged per block: an int, a per-block list, or (r, inflection) (ToMe's schedule).
+        prop_attn: proportional attention (add log(size) to the attention logits).
+    """
+    model.reducer = ToMeReducer(r, len(model.blocks), model.num_patches, prop_attn)
+    return model

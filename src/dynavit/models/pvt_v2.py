@@ -1,0 +1,233 @@
+"""PVTv2 (Wang et al. 2022): a four-scale transformer with overlapping patch embeddings, spatial-reduction
+attention and a depth-wise conv in the MLP (METHODS 7). The dense twin of DiT (`dynavit.models.dit`).
+
+State-dict keys are timm's: `patch_embed.{proj,norm}`, `stages.{s}.downsample.{proj,norm}`,
+`stages.{s}.blocks.{j}.{norm1, attn.{q,kv,sr,norm,proj}, norm2, mlp.{fc1,dwconv,fc2}}`, `stages.{s}.norm`, `head`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError
+from ..layers import DropPath
+from ..registry import register_model
+
+Size = tuple  # (H, W) of a token map
+
+
+def to_map(x: Tensor, size: Size) -> Tensor:
+    """Tokens (B, N, C) -> map (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size[0], size[1])
+
+
+def to_tokens(x: Tensor) -> Tensor:
+    """Map (B, C, H, W) -> tokens (B, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """conv k x k, stride s, padding k // 2, then LayerNorm: (B, C_in, H, W) -> tokens (B, N, C), (H', W')."""
+
+    def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5 as in the authors' code
+
+    def forward(self, x: Tensor):
+        x = self.proj(x)
+        size = (x.shape[2], x.shape[3])
+        return self.norm(to_tokens(x)), size
+
+
+class SRAttention(nn.Module):
+    """Spatial-reduction attention: queries from tokens, keys / values from conv(k=R, s=R)+LN of the whole map.
+
+    forward(x (B, N, C) normed full map, size, query (B, k, C) or None = x) -> (B, k, C).
+    Keys and values always come from the full map, so any subset of queries is computed exactly (DiT).
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ConfigError(f"width {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.sr_ratio = num_heads, dim // num_heads, sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.sr, self.norm = None, None
+
+    def keys_values(self, x: Tensor, size: Size):
+        """Full map (B, N, C) -> k, v each (B, H, M, d) with M = N / R^2."""
+        if self.sr is not None:
+            x = self.norm(to_tokens(self.sr(to_map(x, size))))  # (B, M, C)
+        B, M, C = x.shape
+        kv = self.kv(x).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return kv.unbind(0)
+
+    def forward(self, x: Tensor, size: Size, query: Optional[Tensor] = None) -> Tensor:
+        query = x if query is None else query
+        B, K, C = query.shape
+        q = self.q(query).reshape(B, K, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, K, d)
+        k, v = self.keys_values(x, size)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, K, d)
+        return self.proj(out.transpose(1, 2).reshape(B, K, C))
+
+
+class DWConvMlp(nn.Module):
+    """fc1 -> depth-wise conv 3x3 over the token map -> GELU -> fc2 (PVTv2)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, size: Size) -> Tensor:
+        h = self.fc1(x)
+        h = to_tokens(self.dwconv(to_map(h, size)))
+        return self.fc2(self.act(h))
+
+
+class PvtBlock(nn.Module):
+    """x = x + attn(norm1(x)); x = x + mlp(norm2(x)), LayerNorm eps 1e-6."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, qkv_bias: bool = True,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SRAttention(dim, num_heads, sr_ratio, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = DWConvMlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, size: Size) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        return x + self.drop_path(self.mlp(self.norm2(x), size))
+
+
+class PvtStage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, sr_ratio: int,
+                 qkv_bias: bool, drop_path: Sequence[float], first: bool):
+        super().__init__()
+        self.downsample = None if first else OverlapPatchEmbed(3, 2, in_dim, dim)
+        self.blocks = nn.ModuleList(PvtBlock(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, drop_path[j])
+                                    for j in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+
+class PyramidVisionTransformerV2(nn.Module):
+    """PVTv2 classifier / four-scale backbone.
+
+    Args:
+        img_size: nominal input size (used for GMACs and the input check; any multiple of 32 works).
+        in_chans, num_classes: image channels and classifier outputs (0 = no head).
+        depths, embed_dims, num_heads, mlp_ratios, sr_ratios: per-scale architecture (4 entries each).
+        qkv_bias: bias of q / kv. drop_path_rate: stochastic depth, linear over all blocks.
+    """
+
+    family = "pvt_v2"
+
+    def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
+                 depths: Sequence[int] = (3, 4, 6, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
+                 num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, drop_path_rate: float = 0.0):
+        super().__init__()
+        for name, v in dict(depths=depths, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                            sr_ratios=sr_ratios).items():
+            if len(v) != 4:
+                raise ConfigError(f"{name} needs one entry per scale (4), got {list(v)}")
+        self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
+        self.depths, self.embed_dims = tuple(depths), tuple(embed_dims)
+        self.mlp_ratios, self.sr_ratios = tuple(mlp_ratios), tuple(sr_ratios)
+        self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        self.stages = nn.ModuleList(
+            PvtStage(embed_dims[max(s - 1, 0)], embed_dims[s], depths[s], num_heads[s], mlp_ratios[s], sr_ratios[s],
+                     qkv_bias, dpr[s].tolist(), first=s == 0) for s in range(4))
+        self.num_features = embed_dims[-1]
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise InputError(f"expected an image batch (B, {self.in_chans}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}")
+        if x.shape[2] < 32 or x.shape[3] < 32:
+            raise InputError(f"PVTv2 needs images of at least 32x32, got {x.shape[2]}x{x.shape[3]}")
+
+    def embed(self, x: Tensor, s: int, prev: Optional[Tensor], prev_size: Optional[Size]):
+        """Entry of scale s: the stem on the image (s = 0) or the stride-2 downsample of the previous map."""
+        if s == 0:
+            if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+                self.check_input(x)
+            return self.patch_embed(x)
+        return self.stages[s].downsample(to_map(prev, prev_size))
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Four maps after each scale's norm: (B, C_s, H / 2^(s+2), W / 2^(s+2)) for s = 0..3 (ceil)."""
+        maps, tokens, size = [], None, None
+        for s, stage in enumerate(self.stages):
+            tokens, size = self.embed(x, s, tokens, size)
+            for blk in stage.blocks:
+                tokens = blk(tokens, size)
+            tokens = stage.norm(tokens)
+            maps.append(to_map(tokens, size))
+        return maps
+
+    def forward_head(self, last_map: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = last_map.mean(dim=(2, 3))  # (B, C3)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x)[-1])
+
+
+# variant table (METHODS 7): depths, widths, MLP ratios; heads 1, 2, 5, 8 and SR ratios 8, 4, 2, 1 throughout
+PVT_V2_ARCHS = {
+    "b0": dict(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256), mlp_ratios=(8, 8, 4, 4)),
+    "b1": dict(depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4)),
+    "b2": dict(depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4)),
+    "b3": dict(depths=(3, 4, 18, 3), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4)),
+    "b4": dict(depths=(3, 8, 27, 3), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4)),
+    "b5": dict(depths=(3, 6, 40, 3), embed_dims=(64, 128, 320, 512), mlp_ratios=(4, 4, 4, 4)),
+    # for tests and demos: 8 blocks, head dim 8; 5.7 MMACs at 64 px, 0.085 GMACs at 224
+    "tiny": dict(depths=(2, 2, 2, 2), embed_dims=(16, 32, 40, 64), mlp_ratios=(4, 4, 4, 4), num_classes=10),
+}
+
+
+def register_family(prefix: str, cls: type) -> None:
+    """Register `{prefix}_b0` .. `{prefix}_b5` and `{prefix}_tiny` building `cls` with the table above."""
+    for variant, arch in PVT_V2_ARCHS.items():
+        def make(_arch=arch, **kwargs):
+            return cls(**{**_arch, **kwargs})
+
+        make.__name__ = f"{prefix}_{variant}"
+        make.__doc__ = f"{prefix}_{variant}: {cls.__name__} {arch}"
+        register_model(make)
+
+
+register_family("pvt_v2", PyramidVisionTransformerV2)

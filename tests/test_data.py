@@ -1,0 +1,163 @@
+"""Data: the embedded demo dataset, ImageNet-style folders, the sharded sampler and the batched augmentation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynavit.data import ShardedSampler, build_dataset, collate_skip, make_loader
+from dynavit.data import demo
+from dynavit.data.transforms import AugmentConfig, TrainAugment, mix_batch, pil_resize_center_crop, soft_targets
+
+COLOURS = {"a": (230, 20, 20), "b": (20, 230, 20), "c": (20, 20, 230)}
+
+
+def make_image_folder(root, n_train: int = 4, n_val: int = 2, size=(40, 48), corrupt: bool = False,
+                      mislabel: bool = False):
+    """DIR/{train,val}/{a,b,c}/*.png of noisy solid red / green / blue images (class = dominant channel)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, col in COLOURS.items():
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = np.clip(np.array(col)[None, None] + rng.normal(0, 10, (*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    if mislabel:  # a green image filed under 'a': a channel-argmax model gets it wrong
+        arr = np.zeros((*size, 3), np.uint8)
+        arr[..., 1] = 220
+        Image.fromarray(arr).save(root / "val" / "a" / "zz_green.png")
+    if corrupt:
+        (root / "val" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- demo dataset
+def test_demo_is_deterministic_per_seed():
+    a, b = demo.DemoDataset("val", seed=0, n=6), demo.DemoDataset("val", seed=0, n=6)
+    assert a.fingerprint(6) == b.fingerprint(6)
+    assert demo.DemoDataset("val", seed=1, n=6).fingerprint(6) != a.fingerprint(6)
+    assert demo.DemoDataset("train", seed=0, n=6).fingerprint(6) != a.fingerprint(6)
+    img, label = a[3]
+    assert img.shape == (3, 224, 224) and img.dtype == torch.uint8 and 0 <= label < 10
+
+
+def test_demo_splits_are_disjoint_by_source_digit():
+    split = demo.source_split(0)
+    assert len(np.intersect1d(split["train"], split["val"])) == 0
+    assert len(split["train"]) + len(split["val"]) == 1797
+    _, labels = demo._digits()
+    assert set(labels[split["val"]]) == set(range(10))  # stratified: every class in val
+    train_src = {demo.render(0, "train", i)[2] for i in range(40)}
+    val_src = {demo.render(0, "val", i)[2] for i in range(40)}
+    assert not train_src & val_src and train_src <= set(split["train"]) and val_src <= set(split["val"])
+
+
+def test_demo_label_is_in_a_minority_of_patches():
+    """The digit covers at most (84 / 16 + 1)^2 = 36 of 196 patches: the premise of token reduction."""
+    side = demo.SCALE_RANGE[1]
+    assert (side // 16 + 1) ** 2 / 196 < 0.2
+    labels = [demo.render(0, "train", i)[1] for i in range(60)]
+    assert len(set(labels)) == 10  # all classes appear early (sources are interleaved)
+
+
+def test_demo_cache_roundtrip(tmp_path):
+    ds = demo.DemoDataset("val", seed=0, n=3, size=64, cache=True, cache_dir=str(tmp_path))
+    plain = demo.DemoDataset("val", seed=0, n=3, size=64)
+    assert list(tmp_path.glob("*.npy"))
+    for i in range(3):
+        assert torch.equal(ds[i][0], plain[i][0]) and ds[i][1] == plain[i][1]
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def test_folder_classes_sizes_and_skipped_images(tmp_path, caplog):
+    make_image_folder(tmp_path, corrupt=True)
+    val = build_dataset(str(tmp_path), "val", img_size=32)
+    assert val.classes == ["a", "b", "c"] and len(val) == 7
+    loader = make_loader(val, batch_size=4, train=False, workers=0)
+    seen, skipped = 0, 0
+    with caplog.at_level("WARNING"):
+        for images, labels, n_skipped in loader:
+            assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.uint8
+            seen += len(labels)
+            skipped += n_skipped
+    assert (seen, skipped) == (6, 1)
+    assert "broken.jpg" in caplog.text
+    train = build_dataset(str(tmp_path), "train", img_size=32, train=True)
+    assert train[0][0].shape == (3, 36, 36)  # int(32 / 0.875): random crops happen on the batch
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    from dynavit.errors import CheckpointNotFoundError, DataError
+
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        build_dataset(str(tmp_path / "nope"), "val")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        build_dataset(str(tmp_path), "val")
+
+
+def test_collate_all_skipped():
+    images, labels, skipped = collate_skip([None, None])
+    assert images.numel() == 0 and labels.numel() == 0 and skipped == 2
+
+
+def test_eval_transform_resizes_shorter_side_then_centre_crops():
+    from PIL import Image
+
+    img = Image.fromarray(np.zeros((100, 300, 3), np.uint8))
+    assert pil_resize_center_crop(img, 256, 224).shape == (3, 224, 224)
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_sharded_sampler_matches_single_process_doubled_batch():
+    single = ShardedSampler(40, 0, 1, shuffle=True, seed=3, batch_size=8, drop_last=True)
+    ranks = [ShardedSampler(40, r, 2, shuffle=True, seed=3, batch_size=4, drop_last=True) for r in range(2)]
+    s, r0, r1 = list(single), list(ranks[0]), list(ranks[1])
+    assert single.steps_per_epoch() == ranks[0].steps_per_epoch() == 5
+    for t in range(5):
+        assert sorted(s[8 * t:8 * t + 8]) == sorted(r0[4 * t:4 * t + 4] + r1[4 * t:4 * t + 4])
+    single.set_epoch(0, start_batch=2)
+    assert list(single) == s[16:]
+    single.set_epoch(1)
+    assert list(single) != s  # a new order every epoch
+
+
+def test_eval_sampler_covers_every_image_once():
+    parts = [list(ShardedSampler(11, r, 3, shuffle=False)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(11))
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+def test_train_augment_shapes_targets_and_determinism():
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    aug = TrainAugment(32, 3, AugmentConfig())
+    torch.manual_seed(0)
+    x1, t1 = aug(images, labels)
+    torch.manual_seed(0)
+    x2, t2 = aug(images, labels)
+    assert x1.shape == (6, 3, 32, 32) and t1.shape == (6, 3)
+    assert torch.equal(x1, x2) and torch.equal(t1, t2)
+    assert torch.allclose(t1.sum(1), torch.ones(6))
+    x3, t3 = TrainAugment(32, 3, AugmentConfig.none())(images, labels)
+    assert t3 is labels and x3.shape == (6, 3, 32, 32)
+
+
+def test_mixup_targets_follow_the_mixed_images():
+    x = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    cfg = AugmentConfig(mixup=0.8, cutmix=0.0, smoothing=0.0)
+    torch.manual_seed(1)
+    mixed, t = mix_batch(x, torch.tensor([0, 1]), 2, cfg)
+    lam = t[0, 0].item()
+    assert torch.allclose(mixed[0], torch.full((3, 8, 8), 1 - lam), atol=1e-6)
+    cfg = AugmentConfig(mixup=0.0, cutmix=1.0, smoothing=0.0)
+    mixed, t = mix_batch(x, torch.tensor([0, 1]), 2, cfg)
+    assert abs(mixed[0].mean().item() - t[0, 1].item()) < 1e-6  # pasted area = weight of the other label
+
+
+def test_soft_targets_smoothing():
+    t = soft_targets(torch.tensor([2]), 4, 0.1)
+    assert torch.allclose(t, torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
