@@ -81,7 +81,11 @@ def accuracy_and_gmacs(model, x, y, batch: int):
 
 def train(model, x, y, args, epochs: int, budget_loss=None):
     torch.manual_seed(args.seed)  # same batch order for both models
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    # gates get their own learning rate: Adam moves a parameter ~lr per step, and a gate bias starts at +2
+    gates = list(model.gates.parameters()) if hasattr(model, "gates") else []
+    rest = [p for n, p in model.named_parameters() if not n.startswith("gates.")]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "lr": args.lr * args.gate_lr_mult,
+                                                 "weight_decay": 0.0}], lr=args.lr, weight_decay=0.05)
     steps_per_epoch = len(x) // args.batch
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / total)))
@@ -135,8 +139,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--budget", type=float, default=0.5)
-    p.add_argument("--budget-weight", type=float, default=4.0)
+    p.add_argument("--budget-weight", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=0.2)
+    p.add_argument("--gate-lr-mult", type=float, default=20.0, help="gate learning rate / backbone learning rate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")

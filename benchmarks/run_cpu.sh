@@ -9,6 +9,8 @@ mkdir -p "$OUT"
 M="--model deit_small_patch16_224 --method dense --method dynamicvit:0.7 --method evit:0.7 --method bat:0.7 --method tome:13"
 # 1. the "done when" command: batch 32, float32, + batch-1 latency, + reducer share
 $BIN/dynavit bench $M --batch-size 32 --reducer-share --json "$OUT/cpu_b32.json" | tee "$OUT/cpu_b32.md"
+# 1b. the same with one thread (robust to a shared CPU: no OpenMP barrier waits on a descheduled thread)
+$BIN/dynavit bench $M --batch-size 32 --threads 1 --b1-repeats 0 --json "$OUT/cpu_b32_t1.json" | tee "$OUT/cpu_b32_t1.md"
 # 2. training steps (forward + cross-entropy + backward), batch 32
 $BIN/dynavit bench $M --batch-size 32 --train --repeats 5 --json "$OUT/cpu_train_b32.json" | tee "$OUT/cpu_train_b32.md"
 # 3. where BAT's time goes (op table + reducer share)

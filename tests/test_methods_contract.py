@@ -47,9 +47,12 @@ def check_patch_map(info, num_patches: int, merging: bool) -> None:
                 torch.testing.assert_close(sizes[b].float(), held.float())
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-@pytest.mark.parametrize("batch,img,dtype", [(1, 224, torch.float32), (33, 224, torch.bfloat16),
-                                             (1, 384, torch.bfloat16), (33, 384, torch.float32)])
+CORE = ["evit", "evit_nofuse", "topk", "random", "tome", "bat"]
+GRID = [(1, 224, torch.float32), (33, 224, torch.bfloat16), (1, 384, torch.bfloat16), (33, 384, torch.float32)]
+CASES = [(n, *g) for n in CORE for g in GRID] + [(n, *g) for n in METHODS if n not in CORE for g in GRID[1:3]]
+
+
+@pytest.mark.parametrize("name,batch,img,dtype", CASES)
 def test_runs_batch_resolution_dtype(name, batch, img, dtype):
     model = build(name, img_size=img).to(dtype)
     x = torch.randn(batch, 3, img, img, dtype=dtype)

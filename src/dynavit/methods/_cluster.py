@@ -157,19 +157,19 @@ def greedy_pairs(z: Tensor, p: int) -> Tensor:
         return torch.empty(B, 0, 2, dtype=torch.long, device=dev)
     zn = torch.nn.functional.normalize(z.float(), dim=-1)
     sim = zn @ zn.transpose(1, 2)  # (B, K, K)
-    sim = (sim + sim.transpose(1, 2)) / 2  # exactly symmetric, so "mutual" is well defined
+    sim = torch.nan_to_num((sim + sim.transpose(1, 2)) / 2, nan=float("-inf"))  # exactly symmetric
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     pos = torch.arange(K, device=dev)
     partner = torch.full((B, K), -1, dtype=torch.long, device=dev)
     edge = torch.full((B, K), float("-inf"), device=dev)  # weight of accepted pair (i, partner_i), at i < partner
-    while True:  # rounds over the whole batch (not a loop over images); usually a handful
+    for _ in range(K // 2 + 1):  # rounds over the whole batch (not over images); each accepts >= 1 pair per image
         best, nearest = sim.max(dim=-1)  # (B, K)
-        if bool((edge.topk(p, dim=1).values[:, -1] >= best.max(dim=-1).values).all()):
-            break
+        if dev.type == "meta" or bool((edge.topk(p, dim=1).values[:, -1] >= best.max(dim=-1).values).all()):
+            break  # (on the meta device, shapes only: nothing to decide)
         mutual = (torch.gather(nearest, 1, nearest) == pos) & (best > float("-inf"))
         partner = torch.where(mutual, nearest, partner)
         edge = torch.where(mutual & (pos < nearest), best, edge)
         gone = partner >= 0
         sim.masked_fill_(gone.unsqueeze(1) | gone.unsqueeze(2), float("-inf"))
     first = edge.topk(p, dim=1).indices  # (B, p) best pairs first
-    return torch.stack([first, torch.gather(partner, 1, first)], dim=-1)
+    return torch.stack([first, torch.gather(partner, 1, first).clamp_min(0)], dim=-1)  # (-1 only for NaN input)

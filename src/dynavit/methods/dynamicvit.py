@@ -70,14 +70,19 @@ def topk_keep_index(keep_logp: Tensor, k: int) -> Tensor:
 def threshold_keep_plan(logp: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-image keep set {p_keep > 0.5} (among valid tokens): logp (B, T, 2) -> (index (B, k_max), counts (B,)).
 
-    Each image's kept tokens come first in descending score; the rest of its k_max slots are padding.
+    The best-scoring valid token is always kept, so no image loses every token (LV-ViT's max over tokens and
+    the predictors' global mean need one). Each image's kept tokens come first in descending score; the rest
+    of its k_max slots are padding.
     """
-    keep = logp[..., 0] > logp[..., 1]  # p_keep > 0.5
+    score = logp[..., 0]  # (B, T)
+    keep = score > logp[..., 1]  # p_keep > 0.5
     if valid is not None:
         keep = keep & valid
+        score = score.masked_fill(~valid, float("-inf"))
+    keep = keep.scatter(1, score.argmax(dim=1, keepdim=True), True)
     counts = keep.sum(dim=1)  # (B,)
-    k_max = int(counts.max()) if counts.numel() else 0  # one host sync per stage
-    key = logp[..., 0].masked_fill(~keep, float("-inf"))
+    k_max = int(counts.max())  # one host sync per stage
+    key = score.masked_fill(~keep, float("-inf"))
     return key.topk(k_max, dim=1, sorted=True).indices, counts
 
 
@@ -247,7 +252,6 @@ class DynamicViT(TokenReducer):
         valid = state.aux.get("valid")
         if aux_head is not None and valid is not None:  # padding must not win LV-ViT's max over tokens
             aux = aux_head(state.x[:, P:]).masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
-            aux = torch.where(valid.any(dim=1, keepdim=True), aux, torch.zeros_like(aux))
             logits = model.head(state.x[:, 0]) + model.aux_weight * aux
         return logits
 

@@ -1,0 +1,250 @@
+"""BAT against a direct, loop-based computation of the paper's formulas on tiny hand-made token sets, its budget
+against EViT's, its ablation variants, and BAT's token-diversity score (Eq. 4)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dynavit
+from dynavit.methods import _cluster
+from dynavit.methods.bat import BATConfig, BATReducer, stage_counts
+from dynavit.tokens import TokenState
+
+
+# ------------------------------------------------------------------ loop-based references (the formulas)
+def ref_dist(z):
+    M, C = z.shape
+    return [[math.dist(z[i].tolist(), z[j].tolist()) / math.sqrt(C) for j in range(M)] for i in range(M)]
+
+
+def ref_density(d, density, k=5, sigma=None):
+    M = len(d)
+    if density == "knn":
+        return [math.exp(-sum(v ** 2 for v in sorted(d[i][j] for j in range(M) if j != i)[:k]) / k)
+                for i in range(M)]
+    return [math.exp(-sum(d[i][j] ** 2 for j in range(M)) / (2 * sigma ** 2)) for i in range(M)]
+
+
+def ref_dpc(z, n, density="knn", assign="nearest", k=5, sigma=None):
+    """Eqs. 6-7 and the two assignment rules, one token at a time."""
+    d = ref_dist(z)
+    M = len(d)
+    rho = ref_density(d, density, k, sigma)
+    delta, parent = [], []
+    for i in range(M):
+        denser = [j for j in range(M) if rho[j] > rho[i]]
+        if denser:
+            j = min(denser, key=lambda j: d[i][j])
+            delta.append(d[i][j]), parent.append(j)
+        else:
+            delta.append(max(d[i])), parent.append(i)
+    score = [rho[i] * delta[i] for i in range(M)]
+    centres = sorted(range(M), key=lambda i: -score[i])[:n]
+    label = [None] * M
+    for c, i in enumerate(centres):
+        label[i] = c
+    if assign == "nearest":
+        for i in range(M):
+            if label[i] is None:
+                label[i] = min(range(n), key=lambda c: d[i][centres[c]])
+    else:
+        for i in sorted(range(M), key=lambda i: -rho[i]):
+            if label[i] is None:
+                label[i] = label[parent[i]]
+    return label, centres
+
+
+def ref_pairs(z, p):
+    K = len(z)
+    zn = [v / v.norm() for v in z]
+    sim = {(i, j): float(zn[i] @ zn[j]) for i in range(K) for j in range(i + 1, K)}
+    pairs, used = [], set()
+    for (i, j), _ in sorted(sim.items(), key=lambda kv: -kv[1]):
+        if len(pairs) == p:
+            break
+        if i not in used and j not in used:
+            pairs.append((i, j))
+            used |= {i, j}
+    return pairs
+
+
+def hand_made_set(B=2, M=9, C=3, seed=0):
+    """Three well separated blobs of different spread, so densities and distances have no ties."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 5.0, -2.0]])
+    spread = torch.tensor([0.3, 0.8, 1.5]).repeat_interleave(M // 3).unsqueeze(-1)
+    z = centres.repeat_interleave(M // 3, dim=0) + spread * torch.randn(B, M, C, generator=g)
+    return z[:, torch.randperm(M, generator=g)]
+
+
+# ------------------------------------------------------------------ clustering and matching
+@pytest.mark.parametrize("density,assign,sigma", [("knn", "nearest", None), ("knn", "chain", None),
+                                                  ("gaussian", "nearest", 2.0), ("gaussian", "chain", 3.0)])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_dpc_equals_loop_formulas(density, assign, sigma, n):
+    z = hand_made_set()
+    label, centres = _cluster.dpc_cluster(z, n, density=density, k=3, sigma=sigma, assign=assign)
+    for b in range(z.shape[0]):
+        ref_label, ref_centres = ref_dpc(z[b], n, density, assign, k=3, sigma=sigma)
+        if assign == "chain" and ref_centres[0] != max(range(9), key=lambda i: ref_density(
+                ref_dist(z[b]), density, 3, sigma)[i]):
+            pytest.skip("densest token is not a top centre (the forced-centre rule would differ)")
+        assert centres[b].tolist() == ref_centres
+        assert label[b].tolist() == ref_label
+
+
+def test_density_values_equal_formulas():
+    z = hand_made_set()[0]
+    d = _cluster.pairwise_distance(z[None])
+    torch.testing.assert_close(d[0], torch.tensor(ref_dist(z)), atol=1e-5, rtol=0)
+    for density, sigma in (("knn", None), ("gaussian", 2.5)):
+        got = _cluster.log_density(d, density, k=3, sigma=sigma)[0].exp()
+        torch.testing.assert_close(got, torch.tensor(ref_density(ref_dist(z), density, 3, sigma)), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_chain_forces_the_densest_token_to_be_a_centre():
+    z = hand_made_set(B=4, M=12, seed=5)
+    label, centres = _cluster.dpc_cluster(z, 2, assign="chain")
+    rho = _cluster.log_density(_cluster.pairwise_distance(z))
+    assert bool((centres == rho.argmax(dim=1, keepdim=True)).any(dim=1).all())
+    assert bool((label >= 0).all() & (label < 2).all())
+
+
+@pytest.mark.parametrize("K,p", [(6, 2), (9, 4), (30, 7), (2, 1)])
+def test_greedy_pairs_equal_loop(K, p):
+    z = torch.randn(3, K, 5, generator=torch.Generator().manual_seed(K))
+    pairs = _cluster.greedy_pairs(z, p)
+    for b in range(3):
+        assert [tuple(q) for q in pairs[b].tolist()] == ref_pairs(z[b], p)
+
+
+def test_kmeans_and_pool_groups():
+    z = hand_made_set(B=2, M=12)
+    label, seeds = _cluster.kmeans_cluster(z, 3, iters=10)
+    assert seeds[0].tolist() == [0, 4, 8]
+    for b in range(2):
+        assert sorted(set(label[b].tolist())) == [0, 1, 2]
+        means = torch.stack([z[b][label[b] == c].mean(0) for c in range(3)])
+        nearest = torch.cdist(z[b], means).argmin(dim=1)
+        free = torch.ones(12, dtype=torch.bool)
+        free[seeds[b]] = False
+        assert torch.equal(nearest[free], label[b][free])  # a fixed point of Lloyd's iteration
+    assert _cluster.pool_groups(1, 7, 3)[0].tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+
+# ------------------------------------------------------------------ one BAT stage, end to end
+@pytest.mark.parametrize("assign", ["nearest", "chain"])
+def test_bat_stage_equals_loop(assign):
+    torch.manual_seed(0)
+    B, T, C = 2, 20, 3
+    feats = torch.cat([hand_made_set(B, 9, C, seed=1) * 0.3 + 10, torch.randn(B, 11, C)], dim=1)  # (B, T, C)
+    x = torch.cat([torch.randn(B, 1, C), feats], dim=1)
+    attn = torch.rand(B, 1 + T) + torch.cat([torch.zeros(B, 1), torch.zeros(B, 9), torch.ones(B, 11)], 1)
+    cfg = BATConfig(pair_ratio=0.25, knn_k=3, assign=assign)
+    reducer = BATReducer(12, keep_rate=0.55, config=cfg)
+    K, p, n = stage_counts(T, 0.55, cfg)
+    assert (K, p, n) == (11, 2, 3)
+    state = reducer.reduce(TokenState.from_tokens(x.clone(), 1, track=True), attn, None, 0.55)
+    assert state.x.shape == (B, 1 + K - p + n, C)
+    for b in range(B):
+        s = attn[b, 1:]
+        order = sorted(range(T), key=lambda j: -s[j].item())
+        att, inatt = order[:K], order[K:]
+        pairs = ref_pairs(feats[b, att], p)
+        second = {j: i for i, j in pairs}
+        expected = []
+        for r in range(K):
+            if r in second:
+                continue
+            mates = [r] + [j for i, j in pairs if i == r]
+            w = torch.stack([s[att[m]] for m in mates])
+            expected.append(sum(w[q] * x[b, 1 + att[m]] for q, m in enumerate(mates)) / w.sum())
+        label, _ = ref_dpc(feats[b, inatt], n, "knn", assign, k=3)
+        for c in range(n):
+            members = [inatt[m] for m in range(len(inatt)) if label[m] == c]
+            w = s[members]
+            expected.append((w[:, None] * x[b, 1 + torch.tensor(members)]).sum(0) / w.sum())
+        torch.testing.assert_close(state.x[b, 1:], torch.stack(expected), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.x[b, 0], x[b, 0])
+    assert bool((state.patch_to_token >= 0).all())
+    plan = state.info.extra["bat"][0]
+    assert plan.pairs.shape == (B, p, 2) and plan.centres.shape == (B, n)
+
+
+# ------------------------------------------------------------------ budget and variants
+@pytest.mark.parametrize("rate", [0.9, 0.7, 0.5, 0.3])
+def test_token_counts_equal_evit(rate):
+    x = torch.randn(2, 3, 224, 224)
+    counts = {}
+    for method in ("evit", "bat"):
+        model = dynavit.create_model("tiny_vit", method=method, keep_rate=rate).eval()
+        with torch.no_grad():
+            counts[method] = model(x, return_info=True)[1].token_counts
+    assert counts["bat"] == counts["evit"]
+
+
+@pytest.mark.slow
+def test_gmacs_equal_evit_on_deit_small():
+    models = {m: dynavit.create_model("deit_small_patch16_224", method=m) for m in ("evit", "bat")}
+    for rate in (0.9, 0.7, 0.5, 0.3):
+        g = {}
+        for name, model in models.items():
+            model.reducer.set_keep_rate(rate)
+            g[name] = dynavit.count_gmacs(model)
+        assert abs(g["bat"] - g["evit"]) <= 0.05, (rate, g)
+        if rate == 0.7:
+            assert abs(g["bat"] - 3.0) < 0.06
+
+
+@pytest.mark.parametrize("variant,extra", [("full", 1), ("cluster", None), ("pack", 1), ("attentive", 0)])
+def test_variant_counts(variant, extra):
+    cfg = BATConfig(variant=variant)
+    K, p, n = stage_counts(196, 0.7, cfg)
+    assert K == 138
+    full_K, full_p, full_n = stage_counts(196, 0.7, BATConfig())
+    if variant == "cluster":
+        assert (p, n) == (0, full_n)  # same clusters, no matching: more tokens (paper Table 3, row iii)
+    else:
+        assert K - p + n == K + extra
+
+
+def test_explicit_cluster_split():
+    assert stage_counts(196, 0.7, BATConfig(num_clusters=20)) == (138, 13, 20)
+    assert stage_counts(196, 0.7, BATConfig(num_clusters=0.5)) == (138, 13, 29)
+    assert stage_counts(196, 0.7, BATConfig(pair_ratio=0.0)) == (138, 0, 1)
+    assert stage_counts(196, 0.99, BATConfig()) == (195, 0, 1)
+    assert stage_counts(196, 1.0, BATConfig())[0] == 196
+
+
+@pytest.mark.parametrize("bad", [dict(variant="x"), dict(merger="mean"), dict(density="cosine"),
+                                 dict(assign="far"), dict(pair_ratio=0.7), dict(num_clusters=0),
+                                 dict(num_clusters=1.5), dict(sigma=0.0), dict(knn_k=0)])
+def test_bad_config_raises(bad):
+    with pytest.raises(dynavit.ConfigError):
+        dynavit.create_model("tiny_vit", method="bat", **bad)
+
+
+# ------------------------------------------------------------------ diversity score (Eq. 4)
+def ref_diversity(z):
+    """min over z' of sum_i ||z_i - z'||_1, coordinate by coordinate over candidate values (data points)."""
+    N, C = z.shape
+    return sum(min(sum(abs(z[i, c] - z[m, c]) for i in range(N)) for m in range(N)) for c in range(C))
+
+
+def test_diversity_score_equals_formula_and_is_batched():
+    z = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1))
+    got = dynavit.diversity_score(z)
+    assert got.shape == (3,)
+    for b in range(3):
+        assert abs(got[b].item() - ref_diversity(z[b]).item()) < 1e-4
+    assert abs(dynavit.diversity_score(z[0]).item() - got[0].item()) < 1e-6
+    assert dynavit.diversity_score(torch.ones(2, 5, 3) * 7).abs().max().item() == 0.0
+    assert dynavit.diversity_score(2 * z)[0] > got[0]
+
+
+def test_greedy_pairs_terminates_on_nan():
+    pairs = _cluster.greedy_pairs(torch.full((2, 6, 3), float("nan")), 2)
+    assert pairs.shape == (2, 2, 2)

@@ -1,0 +1,91 @@
+"""ToMe against the ToMe authors' outputs (shared/fixtures), its r schedules and its matching rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynavit
+from dynavit.methods.tome import bipartite_plan, parse_r
+
+from conftest import DEIT_CFG, fixture_path
+
+
+def load(**kw):
+    model = dynavit.create_model("vit", method="tome", **kw, **DEIT_CFG).eval()
+    dynavit.load_checkpoint(model, fixture_path("deit.safetensors"))
+    return model
+
+
+def source_map(info, num_patches: int) -> torch.Tensor:
+    """(B, 1+T, 1+N) 0/1 map: which input tokens (class token first) each final token holds."""
+    p2t = info.patch_to_token[-1]
+    B, T = p2t.shape[0], info.token_counts[-1]
+    src = torch.zeros(B, 1 + T, 1 + num_patches)
+    src[:, 0, 0] = 1
+    src[torch.arange(B)[:, None], 1 + p2t, torch.arange(1, 1 + num_patches)[None]] = 1
+    return src
+
+
+@pytest.mark.parametrize("prop,key", [(True, "tome_logits"), (False, "tome_noprop_logits")])
+def test_logits_match_authors(ref, ref_images, prop, key):
+    model = load(r=8, prop_attn=prop)
+    with torch.no_grad():
+        logits, info = model(ref_images, return_info=True)
+    torch.testing.assert_close(logits, ref[key], atol=2e-3, rtol=0)
+    assert info.token_counts == [196 - 8 * (i + 1) for i in range(12)]
+
+
+def test_source_map_matches_authors(ref, ref_images):
+    model = load(r=8)
+    with torch.no_grad():
+        _, info = model(ref_images, return_info=True)
+    assert torch.equal(source_map(info, 196), ref["tome_source"])
+    sizes = info.sizes[-1]
+    assert torch.equal(sizes, ref["tome_source"][:, 1:].sum(dim=-1))
+
+
+def test_proportional_attention_matters(ref, ref_images):
+    with torch.no_grad():
+        a, b = load(r=8)(ref_images), load(r=8, prop_attn=False)(ref_images)
+    assert (a - b).abs().max() > 2e-3
+
+
+def test_matching_rule_on_hand_made_keys():
+    """A = even positions of [cls, t0..t5] (t1, t3, t5), B = odd (t0, t2, t4); best A->B edges merge."""
+    d = 3
+    b_keys = torch.eye(d)  # t0, t2, t4
+    a_keys = torch.tensor([[0.1, 1.0, 0.0], [1.0, 0.0, 0.01], [0.0, 0.2, 1.0]])  # t1~t2, t3~t0 (closest), t5~t4
+    tokens = torch.zeros(1, 7, d)
+    tokens[0, 0] = torch.tensor([5.0, 5.0, 5.0])  # class token would match everything if unprotected
+    tokens[0, [1, 3, 5]] = b_keys
+    tokens[0, [2, 4, 6]] = a_keys
+    plan = bipartite_plan(tokens, 1, num_prefix=1)
+    # unmerged A (t1, t5) keep slots 0, 1 in order; B tokens t0, t2, t4 take 2, 3, 4; t3 joins t0
+    assert plan.group.tolist() == [[2, 0, 3, 2, 4, 1]] and plan.num_groups == 5
+    plan2 = bipartite_plan(tokens, 2, num_prefix=1)
+    assert plan2.group.tolist() == [[1, 2, 2, 1, 3, 0]] and plan2.num_groups == 4  # then t1 joins t2
+
+
+def test_parse_r_forms():
+    assert parse_r(8, 4) == [8] * 4
+    assert parse_r([3, 2], 4) == [3, 2, 0, 0]
+    assert parse_r((8, -1.0), 3) == [16, 8, 0]
+    assert parse_r((8, 0.0), 3) == [8, 8, 8]
+
+
+@pytest.mark.parametrize("bad", [-1, [1, 2, 3, 4, 5], (8, 2.0), "x"])
+def test_bad_r_raises(bad):
+    with pytest.raises(dynavit.ConfigError):
+        parse_r(bad, 4)
+
+
+def test_r_too_large_fails_loudly():
+    with pytest.raises(dynavit.ConfigError, match="exceeds"):
+        dynavit.create_model("tiny_vit", method="tome", r=20)  # 196 - 20 * 9 = 16 tokens left at block 9
+    model = dynavit.create_model("tiny_vit", method="tome", r=(16, -1.0)).eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(1, 3, 224, 224), return_info=True)
+    assert info.token_counts[-1] == 196 - sum(parse_r((16, -1.0), 12))
+    model.reducer.set_r(0)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224), return_info=True)[1].token_counts == []
