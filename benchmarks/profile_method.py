@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--calls", type=int, default=3, help="forwards timed for the reducer share")
+    p.add_argument("--train", action="store_true", help="profile a training step (forward + backward)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -44,9 +45,9 @@ def main() -> None:
     cfg = bench.BenchConfig(model=args.model, specs=[args.method], batch_size=args.batch_size)
     spec = bench.parse_spec(args.method)
     name, model = bench._build(cfg, bench.resolve(spec, args.model), torch.device("cpu"), torch.float32)
-    model.eval()
+    model.train(args.train)
     x = torch.randn(args.batch_size, 3, model.img_size, model.img_size)
-    step = bench.make_step(model, x, train=False)
+    step = bench.make_step(model, x, train=args.train)
     share = bench.reducer_time(model, step, torch.device("cpu"), calls=args.calls)
     if share:
         print(f"{spec.text} on {name}: reducer hooks {share[0] / args.calls * 1e3:.1f} ms of "

@@ -11,8 +11,7 @@ M="--model deit_small_patch16_224 --method dense --method dynamicvit:0.7 --metho
 $BIN/dynavit bench $M --batch-size 32 --reducer-share --json "$OUT/cpu_b32.json" | tee "$OUT/cpu_b32.md"
 # 1b. the same with one thread (robust to a shared CPU: no OpenMP barrier waits on a descheduled thread)
 $BIN/dynavit bench $M --batch-size 32 --threads 1 --b1-repeats 0 --json "$OUT/cpu_b32_t1.json" | tee "$OUT/cpu_b32_t1.md"
-# 2. training steps (forward + cross-entropy + backward), batch 32
-$BIN/dynavit bench $M --batch-size 32 --train --repeats 5 --json "$OUT/cpu_train_b32.json" | tee "$OUT/cpu_train_b32.md"
+# 2. training steps: benchmarks/run_train.sh (more rounds, 2 threads and 1 thread)
 # 3. where BAT's time goes (op table + reducer share)
 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \
     $BIN/python benchmarks/profile_method.py --method bat:0.7 --batch-size 32 --json "$OUT/profile_bat.json" \
