@@ -332,6 +332,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     if not any(s.method is None for s in specs):
         specs.insert(0, parse_spec("dense"))
     plans = [resolve(spec, cfg.model) for spec in specs]  # every SPEC validated before anything is built
+    if cfg.compile:  # models share code objects (Attention.forward, ...): one compiled variant per token count
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     machine = machine_info(device, dtype, cfg.batch_size, cfg.train, cfg.compile)
 
     entries = []

@@ -1,0 +1,39 @@
+"""torch.compile(fullgraph=True) of each method's eval forward on a tiny model with fixed token counts:
+one graph, same logits as eager. Methods that still break the graph are xfail with the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynavit
+
+torch.set_num_threads(1)
+CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
+CASES = {
+    "dense": dict(),
+    "dynamicvit": dict(method="dynamicvit", keep_rate=0.7),
+    "evit": dict(method="evit", keep_rate=0.7),
+    "topk": dict(method="topk", keep_rate=0.7),
+    "random": dict(method="random", keep_rate=0.7),  # unseeded: a seeded one builds a Generator mid-forward
+    "random_seeded": dict(method="random", keep_rate=0.7, seed=0),
+    "bat": dict(method="bat", keep_rate=0.7),
+    "tome": dict(method="tome", r=1),
+}
+XFAIL = {"bat": "greedy_pairs (methods/_cluster.py) stops its matching rounds on a data-dependent test",
+         "random_seeded": "baselines.py creates its torch.Generator inside forward (opaque object for dynamo)"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=XFAIL[n], strict=False))
+                                  if n in XFAIL else n for n in CASES])
+def test_compile_fullgraph(name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = dynavit.create_model("vit", **CASES[name], **CFG).eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # graph capture only: no C++ build
+    with torch.no_grad():
+        out = compiled(x)
+        ref = model(x)
+    if not name.startswith("random"):  # random draws fresh indices per call
+        assert (out - ref).abs().max().item() <= 1e-5
