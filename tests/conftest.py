@@ -47,3 +47,13 @@ def ref_images(ref):
 # The fixture's backbones (meta.json): 224 px, patch 16, width 48, 3 heads, 10 classes.
 DEIT_CFG = dict(img_size=224, patch_size=16, embed_dim=48, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=10)
 LVVIT_CFG = dict(img_size=224, patch_size=16, embed_dim=48, depth=16, num_heads=3, mlp_ratio=3.0, num_classes=10)
+
+# A small ViT (16 patches, 12 blocks) for export / compile / property tests, and one case per fixed-count method.
+TINY64_CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
+FIXED_COUNT_METHODS = {
+    "dense": dict(),
+    "dynamicvit": dict(method="dynamicvit", keep_rate=0.7),
+    "evit": dict(method="evit", keep_rate=0.7),
+    "bat": dict(method="bat", keep_rate=0.7),
+    "tome": dict(method="tome", r=1),
+}

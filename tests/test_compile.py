@@ -6,18 +6,15 @@ import pytest
 import torch
 
 import dynavit
+from conftest import FIXED_COUNT_METHODS, TINY64_CFG as CFG
 
 torch.set_num_threads(1)
-CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
+
 CASES = {
-    "dense": dict(),
-    "dynamicvit": dict(method="dynamicvit", keep_rate=0.7),
-    "evit": dict(method="evit", keep_rate=0.7),
+    **FIXED_COUNT_METHODS,
     "topk": dict(method="topk", keep_rate=0.7),
     "random": dict(method="random", keep_rate=0.7),  # unseeded: a seeded one builds a Generator mid-forward
     "random_seeded": dict(method="random", keep_rate=0.7, seed=0),
-    "bat": dict(method="bat", keep_rate=0.7),
-    "tome": dict(method="tome", r=1),
 }
 XFAIL = {"bat": "greedy_pairs (methods/_cluster.py) stops its matching rounds on a data-dependent test",
          "random_seeded": "baselines.py creates its torch.Generator inside forward (opaque object for dynamo)"}

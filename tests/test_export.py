@@ -9,14 +9,9 @@ from dynavit.export import export_onnx
 
 pytest.importorskip("onnxruntime")
 torch.set_num_threads(1)
-CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
-CASES = {
-    "dense": dict(),
-    "dynamicvit": dict(method="dynamicvit", keep_rate=0.7),
-    "evit": dict(method="evit", keep_rate=0.7),
-    "bat": dict(method="bat", keep_rate=0.7),
-    "tome": dict(method="tome", r=1),
-}
+from conftest import FIXED_COUNT_METHODS, TINY64_CFG as CFG
+
+CASES = FIXED_COUNT_METHODS
 # BAT's greedy matching stops its rounds on a data-dependent test (methods/_cluster.py greedy_pairs), which
 # torch.export cannot trace; the TorchScript exporter lacks index_add with duplicate indices (merge_tokens).
 XFAIL = {"bat": "greedy_pairs: data-dependent loop exit; legacy exporter: index_add with duplicate indices"}

@@ -22,10 +22,8 @@ def _input_for(model: nn.Module, batch_size: int, img_size: Optional[int]) -> to
     return torch.randn(batch_size, chans, size, size, device=param.device, dtype=param.dtype)
 
 
-@torch.no_grad()
-def count_flops(model: nn.Module, x: Optional[torch.Tensor] = None, img_size: Optional[int] = None,
-                by_module: bool = False):
-    """FLOPs (2 x MACs) per image of one eval-mode forward; with by_module, also a {module name: FLOPs} dict."""
+def _run_counted(model: nn.Module, x: Optional[torch.Tensor], img_size: Optional[int]):
+    """One eval-mode forward under FlopCounterMode with math attention (so SDPA's matmuls are counted)."""
     was_training = model.training
     model.eval()
     x = _input_for(model, 1, img_size) if x is None else x
@@ -35,6 +33,14 @@ def count_flops(model: nn.Module, x: Optional[torch.Tensor] = None, img_size: Op
             model(x)
     finally:
         model.train(was_training)
+    return counter, x
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, x: Optional[torch.Tensor] = None, img_size: Optional[int] = None,
+                by_module: bool = False):
+    """FLOPs (2 x MACs) per image of one eval-mode forward; with by_module, also a {module name: FLOPs} dict."""
+    counter, x = _run_counted(model, x, img_size)
     total = counter.get_total_flops() / x.shape[0]
     if not by_module:
         return total
@@ -75,16 +81,10 @@ def flops_breakdown(model: nn.Module, x: Optional[torch.Tensor] = None, img_size
     matching, merging). blocks: per block, its GMACs and the non-prefix tokens entering it. stages: runs of
     consecutive blocks with the same token count.
     """
-    was_training = model.training
-    model.eval()
-    x = _input_for(model, 1, img_size) if x is None else x
     tokens, hooks = _block_tokens(model)
-    counter = FlopCounterMode(display=False, depth=None)
     try:
-        with sdpa_kernel(SDPBackend.MATH), counter:
-            model(x)
+        counter, x = _run_counted(model, x, img_size)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     scale = 2e9 * x.shape[0]
