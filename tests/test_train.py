@@ -180,3 +180,15 @@ def test_param_groups_decay_frozen_and_backbone_scale():
     assert "pos_embed" not in names and not model.pos_embed.requires_grad
     assert names["head.weight"]["lr_scale"] == 1.0 and names["blocks.0.attn.qkv.weight"]["lr_scale"] == 0.01
     assert names["blocks.0.norm1.weight"]["weight_decay"] == 0.0 and names["head.weight"]["weight_decay"] == 0.05
+
+
+def test_dit_trains_with_its_budget_loss(tmp_path):
+    """`dynavit train` on a DiT runs past the budget loss's start (the engine passes the routing info) and logs it."""
+    out = tmp_path / "dit"
+    rc = main(["train", "--model", "dit_tiny", "--budget", "0.5", "--img-size", "32", "--data", "demo",
+               "--demo-size", "16", "4", "--output", str(out), "--device", "cpu", "--workers", "0", "--max-steps", "4",
+               "--batch-size", "4", "--aug", "none", "--warmup-epochs", "0", "--log-every", "1"])
+    assert rc == 0
+    steps = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if '"step"' in ln]
+    budget = [s.get("budget") for s in steps if s.get("type") == "step"]
+    assert budget[0] is None and budget[-1] is not None and budget[-1] >= 0  # on after 40% of training

@@ -28,11 +28,11 @@ def build_dataset(data: str, split: str, img_size: int = 224, train: bool = Fals
                   classes: Optional[list] = None, demo_size: Optional[int] = None, demo_cache: bool = False):
     """`data` = 'demo' or an ImageNet-style root (with `split` sub-folder, or itself a split folder).
 
-    The demo is rendered at 224 for training (random crops happen on the batch) and at min(224, img_size) for
-    evaluation; `demo_cache` renders it once into `~/.cache/dynavit` (for fast GPU runs).
+    The demo is rendered at min(224, img_size) (its digits scale with the image; random crops, if any, happen on
+    the batch); `demo_cache` renders it once into `~/.cache/dynavit` (for fast GPU runs).
     """
     if data == "demo":
-        size = 224 if train else min(224, int(img_size))
+        size = min(224, int(img_size))
         return DemoDataset(split, seed=seed, n=demo_size, size=size, cache=demo_cache)
     root = Path(data)
     folder = root / split if (root / split).is_dir() else root

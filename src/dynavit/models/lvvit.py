@@ -6,10 +6,12 @@ Differences from DeiT (METHODS 1.2): a 3-conv stem before the patch projection, 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 from ..registry import register_model
-from .vit import VisionTransformer
+from .vit import ConvStem, VisionTransformer
 
 
 class ConvStemEmbed(nn.Module):
@@ -43,8 +45,8 @@ class LVViT(VisionTransformer):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 16, num_heads: int = 6, mlp_ratio: float = 3.0,
                  qkv_bias: bool = False, norm_eps: float = 1e-5, residual_scale: float = 0.5,
-                 drop_path_rate: float = 0.0, aux_weight: float = 0.5):
-        stem = ConvStemEmbed(img_size, patch_size, in_chans, embed_dim)
+                 drop_path_rate: float = 0.0, aux_weight: float = 0.5, stem: Optional[nn.Module] = None):
+        stem = stem or ConvStemEmbed(img_size, patch_size, in_chans, embed_dim)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, norm_eps=norm_eps, residual_scale=residual_scale,
@@ -78,3 +80,14 @@ def lvvit_s(**kwargs) -> LVViT:
 def lvvit_m(**kwargs) -> LVViT:
     """LV-ViT-M: C 512, depth 20, 8 heads, MLP ratio 3."""
     return LVViT(**{**dict(embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0), **kwargs})
+
+
+@register_model
+def demo_vit(**kwargs) -> LVViT:
+    """The demo backbone, shipped pretrained on the `demo` digits (`dynavit.assets`): the papers' geometry
+    (224 px, 196 patch tokens, 12 blocks, DeiT blocks with qkv bias) at width 64 with 2 heads, a small
+    convolutional stem (`ConvStem`) and LV-ViT's per-token aux head (max over tokens, x 0.5); 0.68 M params."""
+    arch = {**dict(embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0, qkv_bias=True, norm_eps=1e-6,
+                   residual_scale=1.0, num_classes=10), **kwargs}
+    stem = ConvStem(arch.get("img_size", 224), arch.get("patch_size", 16), arch.get("in_chans", 3), arch["embed_dim"])
+    return LVViT(**arch, stem=stem)

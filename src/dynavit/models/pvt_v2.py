@@ -133,6 +133,8 @@ class PyramidVisionTransformerV2(nn.Module):
         in_chans, num_classes: image channels and classifier outputs (0 = no head).
         depths, embed_dims, num_heads, mlp_ratios, sr_ratios: per-scale architecture (4 entries each).
         qkv_bias: bias of q / kv. drop_path_rate: stochastic depth, linear over all blocks.
+        global_pool: 'avg' (PVTv2) or 'max' over the last map before the head ('max' learns a small object in
+            clutter much sooner: the demo's DiT uses it, docs/demo.md).
     """
 
     family = "pvt_v2"
@@ -140,8 +142,12 @@ class PyramidVisionTransformerV2(nn.Module):
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (3, 4, 6, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
                  num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
-                 sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, drop_path_rate: float = 0.0):
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 global_pool: str = "avg"):
         super().__init__()
+        if global_pool not in ("avg", "max"):
+            raise ConfigError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        self.global_pool = global_pool
         for name, v in dict(depths=depths, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
                             sr_ratios=sr_ratios).items():
             if len(v) != 4:
@@ -199,7 +205,7 @@ class PyramidVisionTransformerV2(nn.Module):
         return maps
 
     def forward_head(self, last_map: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = last_map.mean(dim=(2, 3))  # (B, C3)
+        pooled = last_map.mean(dim=(2, 3)) if self.global_pool == "avg" else last_map.amax(dim=(2, 3))  # (B, C3)
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..layers import Block, PatchEmbed
 from ..reduction import TokenReducer
 from ..registry import register_model
@@ -179,3 +179,34 @@ def tiny_vit(**kwargs) -> VisionTransformer:
 
 
 register_model(tiny_vit)
+
+
+class ConvStem(nn.Module):
+    """A small convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see
+    better"): a 4x4 stride-4 convolution, then 3x3 stride-2 convolutions (BN + ReLU) down to the patch grid and
+    a 1x1 projection. (B, 3, H, W) -> (B, N, C), the same N = (H / patch)^2 as the linear patch embedding.
+
+    It works on 1/4-resolution maps only (27 MMACs at 224 px, width 64), and trains far faster than a linear
+    patch embedding on the demo task.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 64,
+                 widths: tuple = (32, 64, 64)):
+        super().__init__()
+        if patch_size != 4 * 2 ** (len(widths) - 1):
+            raise ConfigError(f"ConvStem with {len(widths)} convolutions makes {4 * 2 ** (len(widths) - 1)}-pixel "
+                              f"patches, got patch_size={patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        convs, prev = [], in_chans
+        for j, w in enumerate(widths):
+            conv = nn.Conv2d(prev, w, 4, stride=4, bias=False) if j == 0 else \
+                nn.Conv2d(prev, w, 3, stride=2, padding=1, bias=False)
+            convs += [conv, nn.BatchNorm2d(w), nn.ReLU()]
+            prev = w
+        self.convs = nn.Sequential(*convs)
+        self.proj = nn.Conv2d(prev, embed_dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.convs(x)).flatten(2).transpose(1, 2)  # (B, N, C)

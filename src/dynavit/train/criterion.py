@@ -38,7 +38,12 @@ class ClassificationCriterion(nn.Module):
 
 
 class BudgetCriterion(nn.Module):
-    """Classification plus a method's budget loss, switched on after `start` of training (DiT, METHODS 7)."""
+    """Classification plus a method's budget loss, switched on after `start` of training (DiT, METHODS 7).
+
+    `needs_info`: the engine calls the model with `return_info=True`, so `outputs` is (logits, ReductionInfo).
+    """
+
+    needs_info = True
 
     def __init__(self, budget_loss: nn.Module, smoothing: float = 0.0, start: float = 0.4):
         super().__init__()
@@ -50,10 +55,13 @@ class BudgetCriterion(nn.Module):
         self.enabled = fraction >= self.start
 
     def forward(self, images: Tensor, outputs, target: Tensor) -> Tensor:
-        loss = self.cls(images, getattr(outputs, "logits", outputs), target)
+        logits, info = outputs if isinstance(outputs, tuple) else (outputs, None)
+        loss = self.cls(images, getattr(logits, "logits", logits), target)
         self.last_parts = {"cls": loss.detach()}
         if self.enabled:
-            budget = self.budget_loss(outputs)
+            if info is None:
+                raise ConfigError("the budget loss needs the routing info: call the model with return_info=True")
+            budget = self.budget_loss(info)
             self.last_parts["budget"] = budget.detach()
             loss = loss + budget
         return loss

@@ -93,6 +93,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.model = model.to(self.device)
         self.criterion = criterion.to(self.device)
+        self.needs_info = getattr(criterion, "needs_info", False)  # DiT's budget loss reads the routed cost
         self.groups = param_groups(self.model, cfg.weight_decay, cfg.head_patterns, cfg.backbone_lr_scale,
                                    cfg.frozen_patterns)
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in self.groups],
@@ -218,7 +219,7 @@ class Trainer:
             sync = self.net.no_sync() if (self.info.enabled and not last) else contextlib.nullcontext()
             with sync:
                 with autocast(self.device, self.amp_dtype):
-                    out = self.net(x)
+                    out = self.net(x, return_info=True) if self.needs_info else self.net(x)
                     loss = self.criterion(x, out, target)
                 scaled = loss / len(batches)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()

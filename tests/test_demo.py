@@ -1,0 +1,139 @@
+"""The main job: shipped demo models, the pictures, `dynavit viz`, the claims logic and a `demo --quick` smoke run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dynavit
+from dynavit.assets import asset_path, load_asset, manifest, retrain_commands
+from dynavit.data.demo import DemoDataset
+from dynavit.data.transforms import eval_batch
+from dynavit.demo import check_claims, evaluate, tome_r_matching
+from dynavit.errors import UnknownNameError
+from dynavit.viz import token_overlay
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def val_batch():
+    ds = DemoDataset("val", n=200)
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def test_every_shipped_asset_loads_strictly():
+    for name, entry in manifest().items():
+        path = asset_path(name)
+        assert path.stat().st_size < 8 * 2**20, f"{name}: assets must stay small"
+        if entry.get("partial"):  # method parameters only: loaded on top of their backbone
+            model = load_asset(entry["needs"][-1], method=entry["method"], extra=[name], **entry.get("method_kwargs", {}))
+            assert not model.asset_missing, model.asset_missing
+        else:
+            load_asset(name)
+        assert entry["command"][0] == "train" and "{root}" in " ".join(entry["command"])
+
+
+def test_unknown_asset_is_a_clear_error():
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        asset_path("demo_vitt")
+
+
+def test_retrain_commands_follow_dependencies(tmp_path):
+    cmds = retrain_commands("demo_vit", tmp_path)
+    outputs = [c[c.index("--output") + 1] for c in cmds]
+    assert outputs == [str(tmp_path / "demo_cnn"), str(tmp_path / "demo_vit")]
+    assert str(tmp_path / "demo_cnn" / "model.safetensors") in cmds[1]  # the ViT starts from the CNN stem
+
+
+def test_shipped_dense_model_learned_the_task(val_batch):
+    """The shipped backbone is far above chance (10%) on unseen handwriting; the manifest's number is honest."""
+    images, labels = val_batch
+    res = evaluate(load_asset("demo_vit"), images, labels)
+    assert res["top1"] >= 60.0
+    assert abs(res["gmacs"] - 0.2032) < 1e-3
+    assert abs(res["top1"] - manifest()["demo_vit"]["top1"]) < 10.0  # 200 vs 1000 images: sampling noise
+
+
+def test_shipped_dit_meets_its_budget(val_batch):
+    dit = load_asset("demo_dit")
+    images, labels = val_batch
+    small = torch.nn.functional.interpolate(images.float(), size=dit.img_size, mode="area").round().to(torch.uint8)
+    res = evaluate(dit, small, labels)
+    assert res["top1"] > 20.0
+    assert abs(res["gmacs"] / dit.full_gmacs() - dit.budget) <= 0.1 * dit.budget + 0.05
+
+
+def test_tome_r_matches_gmacs():
+    target = dynavit.count_gmacs(dynavit.create_model("demo_vit", method="evit", keep_rate=0.7))
+    r = tome_r_matching(target, "demo_vit")
+    g = dynavit.count_gmacs(dynavit.create_model("demo_vit", method="tome", r=r))
+    for other in (r - 1, r + 1):
+        g2 = dynavit.count_gmacs(dynavit.create_model("demo_vit", method="tome", r=other))
+        assert abs(g - target) <= abs(g2 - target)
+
+
+def test_token_overlay_fades_pruned_and_tints_groups():
+    image = np.full((32, 32, 3), 100, dtype=np.uint8)  # 2x2 grid of 16-pixel patches
+    p2t = torch.tensor([0, -1, 1, 1])  # patch 0 alone, patch 1 pruned, patches 2-3 merged into token 1
+    out = token_overlay(image, p2t, (2, 2))
+    alone, pruned, merged = out[4, 4], out[4, 20], out[20, 4]
+    assert np.allclose(alone, 100 / 255)  # single-patch tokens are left as they are
+    assert (pruned > 0.75).all()  # faded towards white
+    assert not np.allclose(merged, 100 / 255) and np.allclose(out[20, 4], out[20, 20])  # one colour per group
+
+
+def test_claims_are_checked_not_asserted():
+    rows = [dict(method="dense", keep_rate=1.0, top1=90.0, gmacs=0.2, efficiency=1.0),
+            dict(method="dynamicvit", keep_rate=0.7, top1=88.5, gmacs=0.13, efficiency=0.95),
+            dict(method="evit", keep_rate=0.5, top1=80.0, gmacs=0.1, efficiency=0.99),
+            dict(method="bat", keep_rate=0.5, top1=81.0, gmacs=0.1, efficiency=0.85)]
+    claims = {c["claim"][:20]: c["holds"] for c in check_claims(rows, {"bat": [[0.5, 2.0]], "evit": [[0.5, 1.0]]})}
+    assert list(claims.values()) == [True, False, True, False]  # DynamicViT lost 1.5 points; BAT eff. 0.85
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "bat", "tome"])
+def test_viz_cli_draws_a_png(tmp_path, method):
+    from PIL import Image
+
+    from dynavit.cli import main
+
+    img = tmp_path / "digit.png"
+    Image.fromarray(DemoDataset("val", n=1)[0][0].permute(1, 2, 0).numpy()).save(img)
+    out = tmp_path / "tokens.png"
+    extra = ["--r", "8"] if method == "tome" else ["--keep-rate", "0.7"]
+    rc = main(["viz", "--model", "demo_vit", "--method", method, *extra, "--checkpoint", "demo_vit",
+               "--image", str(img), "--output", str(out)])
+    assert rc == 0 and out.stat().st_size > 10_000
+    assert Image.open(out).size[0] > 400
+
+
+def test_viz_cli_bad_image_is_one_line(tmp_path, capsys):
+    from dynavit.cli import main
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["viz", "--model", "demo_vit", "--image", str(bad)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_demo_quick_smoke(tmp_path):
+    """`dynavit demo --quick` end to end (fewer images): table, results.json with every method, the PNGs."""
+    from dynavit.cli import main
+
+    rc = main(["demo", "--quick", "--val-images", "40", "--output", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    methods = [(r["method"], r["keep_rate"]) for r in res["rows"]]
+    assert methods[0] == ("dense", 1.0) and ("dit", 0.5) in methods
+    for m in ("dynamicvit", "evit", "bat", "tome"):
+        assert {(m, 0.7), (m, 0.5)} <= set(methods)
+    for r in res["rows"]:
+        assert {"method", "keep_rate", "top1", "gmacs", "img_per_s", "speedup"} <= set(r)
+        assert 0 <= r["top1"] <= 100 and r["gmacs"] > 0 and r["img_per_s"] > 0
+    assert len(res["claims"]) == 4
+    for png in ("tradeoff.png", "tokens.png", "diversity.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
