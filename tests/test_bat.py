@@ -248,3 +248,102 @@ def test_diversity_score_equals_formula_and_is_batched():
 def test_greedy_pairs_terminates_on_nan():
     pairs = _cluster.greedy_pairs(torch.full((2, 6, 3), float("nan")), 2)
     assert pairs.shape == (2, 2, 2)
+
+
+# ------------------------------------------------------------------ static matching == the former early-exit loop
+def old_greedy_pairs(z, p):
+    """greedy_pairs as it was before its rounds became static (stopped with a Python `break` on a data-dependent
+    test). Kept verbatim as the reference; also returns how many rounds accepted pairs."""
+    B, K, _ = z.shape
+    dev = z.device
+    if p == 0:
+        return torch.empty(B, 0, 2, dtype=torch.long, device=dev), 0
+    zn = torch.nn.functional.normalize(z.float(), dim=-1)
+    sim = zn @ zn.transpose(1, 2)
+    sim = torch.nan_to_num((sim + sim.transpose(1, 2)) / 2, nan=float("-inf"))
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    pos = torch.arange(K, device=dev)
+    partner = torch.full((B, K), -1, dtype=torch.long, device=dev)
+    edge = torch.full((B, K), float("-inf"), device=dev)
+    rounds = 0
+    for _ in range(K // 2 + 1):
+        best, nearest = sim.max(dim=-1)
+        if bool((edge.topk(p, dim=1).values[:, -1] >= best.max(dim=-1).values).all()):
+            break
+        rounds += 1
+        mutual = (torch.gather(nearest, 1, nearest) == pos) & (best > float("-inf"))
+        partner = torch.where(mutual, nearest, partner)
+        edge = torch.where(mutual & (pos < nearest), best, edge)
+        gone = partner >= 0
+        sim.masked_fill_(gone.unsqueeze(1) | gone.unsqueeze(2), float("-inf"))
+    first = edge.topk(p, dim=1).indices
+    return torch.stack([first, torch.gather(partner, 1, first).clamp_min(0)], dim=-1), rounds
+
+
+def tie_sets():
+    """Inputs with exact similarity ties, degenerate tokens and batch coupling."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, generator=g)
+    angle = torch.cumsum(torch.linspace(0.05, 0.6, 12), 0)  # points on a circle, gaps growing along it
+    mixed = torch.randn(3, 10, 5, generator=g)
+    mixed[1, 4] = float("nan")  # one bad token in one image
+    return {
+        "all_equal": torch.ones(3, 10, 4),
+        "all_equal_b1": torch.full((1, 9, 3), 2.5),
+        "duplicates": base[torch.randint(0, 4, (2, 14), generator=g)],  # (2, 14, 6): 4 distinct tokens repeated
+        "grid": torch.randint(-1, 2, (4, 16, 2), generator=g).float(),  # few directions, zero vectors
+        "zeros": torch.zeros(2, 8, 3),
+        "nan_image": torch.cat([torch.full((1, 8, 3), float("nan")), torch.randn(1, 8, 3, generator=g)]),
+        "nan_token": mixed,
+        "chain": torch.stack([angle.cos(), angle.sin()], -1)[None],  # one mutual pair per round: p rounds needed
+        "scaled_copies": torch.randn(2, 1, 4, generator=g) * torch.arange(1, 13.0).view(1, 12, 1),  # all sims 1
+    }
+
+
+@pytest.mark.parametrize("B", [1, 2, 5])
+@pytest.mark.parametrize("K", [2, 3, 8, 17, 40])
+def test_greedy_pairs_equal_old_loop_random(B, K):
+    g = torch.Generator().manual_seed(100 * B + K)
+    for p in sorted({1, max(1, K // 4), K // 2}):
+        for trial in range(3):
+            z = torch.randn(B, K, 1 + trial * 7, generator=g)
+            ref, rounds = old_greedy_pairs(z, p)
+            assert rounds <= p  # why exactly p static rounds suffice
+            assert torch.equal(_cluster.greedy_pairs(z, p), ref), (B, K, p, trial)
+
+
+@pytest.mark.parametrize("name", list(tie_sets()))
+def test_greedy_pairs_equal_old_loop_ties(name):
+    z = tie_sets()[name]
+    K = z.shape[1]
+    for p in range(1, K // 2 + 1):
+        ref, rounds = old_greedy_pairs(z, p)
+        assert rounds <= p
+        assert torch.equal(_cluster.greedy_pairs(z, p), ref), (name, p)
+        if name == "chain":
+            assert rounds == p  # the bound is tight: fewer static rounds would be wrong here
+        for b in range(z.shape[0]):  # batch of one image (the old loop couples images only through ties)
+            if name not in ("nan_token", "nan_image"):
+                assert torch.equal(_cluster.greedy_pairs(z[b:b + 1], p), old_greedy_pairs(z[b:b + 1], p)[0])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kw", [dict(), dict(pair_ratio=0.5, assign="chain"), dict(keep_rate=0.5, pair_ratio=0.3)])
+def test_bat_model_equals_old_matching(B, kw, monkeypatch):
+    """A whole BAT model (64 tokens, up to 9 pairs per stage): same plans, same logits as with the old loop."""
+    kw = {"keep_rate": 0.7, **kw}
+    torch.manual_seed(0)
+    model = dynavit.create_model("vit", method="bat", img_size=64, patch_size=8, embed_dim=48, depth=12,
+                                 num_heads=3, num_classes=10, **kw).eval()
+    g = torch.Generator().manual_seed(B)
+    inputs = [torch.randn(B, 3, 64, 64, generator=g), torch.full((B, 3, 64, 64), 0.3)]  # random, constant image
+    for x in inputs:
+        with torch.no_grad():
+            out, info = model(x, return_info=True)
+            monkeypatch.setattr(_cluster, "greedy_pairs", lambda z, p: old_greedy_pairs(z, p)[0])
+            ref, ref_info = model(x, return_info=True)
+            monkeypatch.undo()
+        assert max(plan.pairs.shape[1] for plan in info.extra["bat"]) >= 2
+        for plan, ref_plan in zip(info.extra["bat"], ref_info.extra["bat"]):
+            assert torch.equal(plan.pairs, ref_plan.pairs) and torch.equal(plan.group, ref_plan.group)
+        assert torch.equal(out, ref)

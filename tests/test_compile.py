@@ -12,12 +12,12 @@ torch.set_num_threads(1)
 
 CASES = {
     **FIXED_COUNT_METHODS,
+    "bat_pairs": dict(method="bat", keep_rate=0.5, pair_ratio=0.5),  # 4 matching rounds, 5 clusters
     "topk": dict(method="topk", keep_rate=0.7),
     "random": dict(method="random", keep_rate=0.7),  # unseeded: a seeded one builds a Generator mid-forward
     "random_seeded": dict(method="random", keep_rate=0.7, seed=0),
 }
-XFAIL = {"bat": "greedy_pairs (methods/_cluster.py) stops its matching rounds on a data-dependent test",
-         "random_seeded": "baselines.py creates its torch.Generator inside forward (opaque object for dynamo)"}
+XFAIL = {"random_seeded": "baselines.py creates its torch.Generator inside forward (opaque object for dynamo)"}
 
 
 @pytest.mark.slow
