@@ -31,16 +31,16 @@ ASSETS = {
         model="dit_tiny", kwargs={"img_size": 64, "budget": 0.5, "global_pool": "max"},
         description="DiT (PVTv2-tiny routing space, max-pool head) at 64 px, budget 0.5",
         command=["train", "--model", "dit_tiny", "--budget", "0.5", "--img-size", "64", "--set", "global_pool=max",
-                 *COMMON, "--demo-size", "51200", "1000", "--epochs", "1", "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs",
+                 *COMMON, "--demo-size", "25600", "1000", "--epochs", "1", "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs",
                  "0.02", "--clip-grad", "1.0", "--output", "{root}/demo_dit"]),
 }
 for _keep in (0.7, 0.5):
     ASSETS[f"demo_vit_dynamicvit_{_keep:g}"] = dict(
         model="demo_vit", method="dynamicvit", method_kwargs={"keep_rate": _keep}, partial=True,
         needs=["demo_vit"], keys="score_predictor.",
-        description=f"DynamicViT predictors for demo_vit at keep rate {_keep:g} (40 steps, recipe 'dynamicvit')",
+        description=f"DynamicViT predictors for demo_vit at keep rate {_keep:g} (150 steps, recipe 'dynamicvit')",
         command=["train", "--model", "demo_vit", "--method", "dynamicvit", "--keep-rate", f"{_keep:g}", "--init",
-                 "{root}/demo_vit/model.safetensors", *COMMON, "--no-eval", "--demo-size", "1280", "1",
+                 "{root}/demo_vit/model.safetensors", *COMMON, "--no-eval", "--demo-size", "4800", "1",
                  "--epochs", "1", "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs", "0",
                  "--freeze-backbone-epochs", "0.1667", "--ema-decay", "0", "--output", f"{{root}}/demo_vit_dynamicvit_{_keep:g}"])
 

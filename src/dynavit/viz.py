@@ -163,7 +163,8 @@ def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optiona
 
 
 def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
-    """Top-1 vs GMACs per image, one line per method across keep rates (the papers' trade-off figure)."""
+    """Top-1 vs GMACs per image: one curve per method from the dense model through its keep rates (the papers'
+    trade-off figure). rows: [{'method', 'keep_rate', 'top1', 'gmacs', ('r')}, ...]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,13 +172,19 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
 
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     markers = {"dense": "*", "dynamicvit": "o", "evit": "s", "bat": "D", "tome": "^", "dit": "P"}
+    dense = next((r for r in rows if r["method"] == "dense"), None)
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["gmacs"], r["top1"], r.get("keep_rate")) for r in rows if r["method"] == method)
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.plot(xs, ys, marker=markers.get(method, "o"), ms=11 if method == "dense" else 7, label=method)
-        for gx, gy, keep in pts:
-            if keep is not None and method != "dense":
-                ax.annotate(f"{keep:g}", (gx, gy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        mine = [r for r in rows if r["method"] == method]
+        if method == "dense":
+            ax.plot([mine[0]["gmacs"]], [mine[0]["top1"]], marker="*", ms=14, ls="", color="black", label="dense", zorder=5)
+            continue
+        pts = sorted(mine + ([dense] if dense else []), key=lambda r: r["gmacs"])  # each curve starts at dense
+        line, = ax.plot([r["gmacs"] for r in pts], [r["top1"] for r in pts], marker=markers.get(method, "o"),
+                        ms=7, label=method)
+        for r in mine:
+            text = f"r={r['r']}" if r.get("r") else f"{r['keep_rate']:g}"
+            ax.annotate(text, (r["gmacs"], r["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color=line.get_color())
     ax.set_xlabel("GMACs per image")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=10)

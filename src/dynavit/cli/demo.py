@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5], metavar="RHO")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method and keep rate "
                    "(default 40)")
+    p.add_argument("--dynamicvit-steps", type=int, default=None, help="DynamicViT fine-tuning steps (default 40)")
     p.add_argument("--val-images", type=int, default=None, help="validation images (default 1000; --quick 300)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -35,10 +36,12 @@ def run(args) -> int:
     cfg = DemoConfig(output=args.output, quick=args.quick, keep_rates=tuple(args.keep_rates), seed=args.seed,
                      val_images=args.val_images or (300 if args.quick else 1000),
                      bench_repeats=3 if args.quick else 5)
-    if args.steps is not None:
-        if args.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-        cfg.steps = args.steps
+    for name in ("steps", "dynamicvit_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            setattr(cfg, name, value)
     if args.from_scratch:
         from ..demo import retrain_assets
 
