@@ -134,12 +134,32 @@ def draw_panel(ax, title: str, kind: str, payload) -> None:
     ax.set_yticks([])
 
 
-def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optional[list] = None) -> Path:
-    """Draw rows of panels [(title, kind, payload), ...] into one PNG."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path) -> Path:
+    """Labels, grid and legend on `ax`, then save `fig` to `path` and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return Path(path)
+
+
+def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optional[list] = None) -> Path:
+    """Draw rows of panels [(title, kind, payload), ...] into one PNG."""
+    plt = _pyplot()
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.3 * n_cols, 2.75 * n_rows), squeeze=False)
@@ -165,10 +185,7 @@ def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optiona
 def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
     """Top-1 vs GMACs per image: one curve per method from the dense model through its keep rates (the papers'
     trade-off figure). rows: [{'method', 'keep_rate', 'top1', 'gmacs', ('r')}, ...]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     markers = {"dense": "*", "dynamicvit": "o", "evit": "s", "bat": "D", "tome": "^", "dit": "P"}
@@ -176,7 +193,8 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         if method == "dense":
-            ax.plot([mine[0]["gmacs"]], [mine[0]["top1"]], marker="*", ms=14, ls="", color="black", label="dense", zorder=5)
+            ax.plot([mine[0]["gmacs"]], [mine[0]["top1"]], marker="*", ms=14, ls="", color="black", label="dense",
+                    zorder=5)
             continue
         pts = sorted(mine + ([dense] if dense else []), key=lambda r: r["gmacs"])  # each curve starts at dense
         line, = ax.plot([r["gmacs"] for r in pts], [r["top1"] for r in pts], marker=markers.get(method, "o"),
@@ -185,34 +203,19 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
             text = f"r={r['r']}" if r.get("r") else f"{r['keep_rate']:g}"
             ax.annotate(text, (r["gmacs"], r["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=7,
                         color=line.get_color())
-    ax.set_xlabel("GMACs per image")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = _finish(fig, ax, "GMACs per image", "top-1 (%)", title, path)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def plot_diversity(curves: dict, path, title: str = "token diversity (BAT Eq. 4)") -> Path:
     """curves: {method: [(keep_rate, mean diversity), ...]} -> a line plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for method, pts in curves.items():
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set_xlabel("keep rate")
-    ax.set_ylabel("diversity of the final tokens")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = _finish(fig, ax, "keep rate", "diversity of the final tokens", title, path)
     plt.close(fig)
-    return Path(path)
+    return path
