@@ -1,7 +1,7 @@
 """`dynavit demo [--output DIR] [--quick] [--from-scratch]`: the main job on the embedded default (see dynavit.demo).
 
 The full demo fine-tunes every method briefly (about 10-15 minutes on 2 CPU cores); `--quick` evaluates the
-shipped weights as they are (under 3 minutes); `--from-scratch` first re-runs the `dynavit train` commands that
+shipped weights as they are (3-6 minutes); `--from-scratch` first re-runs the `dynavit train` commands that
 made the shipped models (listed in assets/demo_models.json; about an hour on 2 CPU cores).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default="demo-output", help="where results.json and the PNGs go (default "
                    "demo-output)")
     p.add_argument("--quick", action="store_true", help="no fine-tuning: the shipped weights as they are, fewer "
-                   "validation images (a smoke test, under 3 minutes)")
+                   "validation images (a smoke test, 3-6 minutes)")
     p.add_argument("--from-scratch", action="store_true", help="retrain the shipped models first with the "
                    "commands in assets/demo_models.json (long)")
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5], metavar="RHO")
