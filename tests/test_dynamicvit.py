@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import dynavit
 from dynavit.errors import ConfigError
+from dynavit.layers import policy_attention, softmax_with_policy
 from dynavit.losses import (DynamicViTLoss, classification_loss, dynamicvit_loss, make_teacher, masked_token_kl,
                             masked_token_mse)
 from dynavit.methods.dynamicvit import ScorePredictor, default_locations
@@ -84,6 +85,53 @@ def test_loss_matches_reference(ref, ref_images, noiseless):
 
 
 # ---------------------------------------------------------------------------------------------- properties
+def explicit_policy_attention(q, k, v, policy, scale, eps=1e-6):
+    """The authors' formula through autograd, in the inputs' dtype (float64 here)."""
+    B, T = policy.shape
+    attn = (q @ k.transpose(-2, -1)) * scale
+    g = policy.reshape(B, 1, 1, T)
+    g = g + (1 - g) * torch.eye(T, dtype=q.dtype)
+    attn = (attn - attn.max(dim=-1, keepdim=True)[0]).exp() * g
+    return (attn + eps / T) / (attn.sum(dim=-1, keepdim=True) + eps) @ v
+
+
+@pytest.mark.parametrize("case", ["hard", "peaked", "soft", "all_dropped"])
+def test_policy_attention_equals_the_explicit_formula(case):
+    """Values and every gradient (q, k, v and the policy) of the fused path equal autograd through METHODS 3.3."""
+    torch.manual_seed(0)
+    B, H, T, d = 3, 2, 13, 8
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
+    policy = (torch.rand(B, T, dtype=torch.float64) > 0.4).double()
+    if case == "peaked":  # the max sits on dropped keys and the kept exp-sum nears eps: the eps term matters
+        q, k = q * 6, k * 6
+    if case == "soft":
+        policy = torch.rand(B, T, dtype=torch.float64)
+    if case == "all_dropped":
+        policy[0] = 0
+    policy[1:, 0] = 1
+    a = [t.clone().requires_grad_() for t in (q, k, v, policy)]
+    b = [t.clone().requires_grad_() for t in (q, k, v, policy)]
+    out, ref = policy_attention(*a, 0.35), explicit_policy_attention(*b, 0.35)
+    grad = torch.randn_like(ref)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_policy_attention_gradcheck_and_float32():
+    torch.manual_seed(1)
+    args = [torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    args.append(torch.rand(2, 6, dtype=torch.float64, requires_grad=True))
+    # eps 1e-2 makes the eps term (and the gradient through the row max) large enough to check
+    assert torch.autograd.gradcheck(lambda *t: policy_attention(*t, 0.5, 1e-2), args)
+    q, k, v = (torch.randn(4, 3, 20, 16) for _ in range(3))
+    policy = (torch.rand(4, 20) > 0.3).float()
+    expected = softmax_with_policy((q @ k.transpose(-2, -1)) * 0.25, policy) @ v
+    torch.testing.assert_close(policy_attention(q, k, v, policy, 0.25), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["deit", "lvvit"])
 def test_fixed_decisions_training_equals_pruned_inference(ref_images, monkeypatch, kind):
     """Masked attention with the inference keep sets reproduces the pruned network (METHODS 3.3).

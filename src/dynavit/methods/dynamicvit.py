@@ -53,7 +53,11 @@ class ScorePredictor(nn.Module):
         else:
             total = policy.sum(dim=1, keepdim=True).clamp_min(_POLICY_EPS)
             glob = (glob * policy).sum(dim=1, keepdim=True) / total
-        return self.out_conv(torch.cat([local, glob.expand(-1, z.shape[1], -1)], dim=-1))
+        # out_conv[0](cat[local, global expanded over T]) with the weight split in two: the global half is one
+        # row per image, so it costs (B, 1, C/2) instead of (B, T, C/2) and the (B, T, C) concatenation is never made
+        first = self.out_conv[0]
+        h = F.linear(local, first.weight[:, :half], first.bias) + F.linear(glob, first.weight[:, half:])  # (B, T, C/2)
+        return self.out_conv[1:](h)
 
 
 # ---------------------------------------------------------------------------------------------- plans
