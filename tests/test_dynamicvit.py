@@ -90,7 +90,7 @@ def explicit_policy_attention(q, k, v, policy, scale, eps=1e-6):
     B, T = policy.shape
     attn = (q @ k.transpose(-2, -1)) * scale
     g = policy.reshape(B, 1, 1, T)
-    g = g + (1 - g) * torch.eye(T, dtype=q.dtype)
+    g = g + (1 - g) * torch.eye(T, dtype=q.dtype, device=q.device)
     attn = (attn - attn.max(dim=-1, keepdim=True)[0]).exp() * g
     return (attn + eps / T) / (attn.sum(dim=-1, keepdim=True) + eps) @ v
 
@@ -345,3 +345,17 @@ def test_info_command_prints_paper_numbers(capsys):
     assert "137 / 96 / 67" in out
     gmacs = float(out.split("GMACs:")[1].split()[0])
     assert 2.85 <= gmacs <= 3.0  # paper 2.9, fvcore 2.99
+
+
+def test_training_step_under_bf16_autocast():
+    """Mixed precision (the engine's --amp bf16): the masked attention computes in float32 inside autocast, and its
+    backward (run outside autocast) meets float32 tensors; gradients reach the predictors."""
+    torch.manual_seed(0)
+    model = dynavit.create_model("vit", method="dynamicvit", keep_rate=0.7, img_size=64, patch_size=16, embed_dim=48,
+                                 depth=12, num_heads=3, num_classes=10).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64))
+        loss = out.logits.float().logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "predictor" in n or "score" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
