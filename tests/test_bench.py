@@ -127,8 +127,10 @@ def _check_schema(report, specs):
         assert RESULT_KEYS <= set(r)
         assert r["img_per_s"] > 0 and r["gmacs"] > 0 and r["peak_mem_mb"] >= 0
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal_speedup"], abs=2e-3)
+        rounds = [d / t for d, t in zip(report["results"][0]["times_s"], r["times_s"])]
+        assert min(rounds) - 1e-4 <= r["speedup_paired"] <= max(rounds) + 1e-4
     dense = report["results"][0]
-    assert dense["speedup"] == dense["ideal_speedup"] == dense["efficiency"] == 1.0
+    assert dense["speedup"] == dense["ideal_speedup"] == dense["efficiency"] == dense["speedup_paired"] == 1.0
 
 
 def test_run_benchmark_side_by_side(fake_method):

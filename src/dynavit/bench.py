@@ -387,6 +387,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         r["ideal_speedup"] = round(dense["gmacs"] / r["gmacs"], 4)
         r["efficiency"] = round(r["speedup"] / r["ideal_speedup"], 4)
         r["speedup_cpu_time"] = round(dense["cpu_s_per_batch"] / r["cpu_s_per_batch"], 4)
+        # median over rounds of the per-round ratio: each round's models ran back to back, so a slow spell of a
+        # shared machine cancels within the pair (more robust than the ratio of medians when the load drifts)
+        r["speedup_paired"] = round(statistics.median(d / t for d, t in zip(dense["times_s"], r["times_s"])), 4)
         if r["latency_ms_b1"] is not None and dense["latency_ms_b1"] is not None:
             r["latency_speedup_b1"] = round(dense["latency_ms_b1"] / r["latency_ms_b1"], 4)
     machine["loadavg_end"] = list(os.getloadavg())
