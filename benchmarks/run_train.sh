@@ -15,3 +15,6 @@ $BIN/dynavit bench $M2 --batch-size 32 --train --repeats 11 --warmup 1 --json "$
     | tee "$OUT/cpu_train_dvit_b32.md"
 $BIN/dynavit bench $M2 --batch-size 32 --train --repeats 11 --warmup 1 --threads 1 \
     --json "$OUT/cpu_train_dvit_b32_t1.json" | tee "$OUT/cpu_train_dvit_b32_t1.md"
+$BIN/dynavit bench --model deit_small_patch16_224 --method dynamicvit:0.7 --method dense --batch-size 32 --train \
+    --repeats 11 --warmup 1 --threads 1 --json "$OUT/cpu_train_dvit_b32_t1_reversed.json" \
+    | tee "$OUT/cpu_train_dvit_b32_t1_reversed.md"
