@@ -35,7 +35,7 @@ def test_bat_export_only_ops_match_pytorch(tmp_path):
     import onnxruntime as ort
 
     from dynavit.methods import _cluster
-    from dynavit.methods.bat import argsort_desc
+    from dynavit.methods._cluster import argsort_desc
 
     class Ops(torch.nn.Module):
         def forward(self, scores, z):

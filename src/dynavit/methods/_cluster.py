@@ -35,6 +35,17 @@ def onnx_exporting() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
+def argsort_desc(scores: Tensor) -> Tensor:
+    """Stable descending argsort of (B, T) scores (ties: the earlier token first).
+
+    ONNX has no stable sort, but its TopK (what the exporter makes of a plain sort) breaks ties by the lower
+    index, which is exactly this order; so the ONNX export records the plain sort and PyTorch runs the stable one.
+    """
+    if onnx_exporting():
+        return scores.sort(dim=1, descending=True).indices
+    return scores.argsort(dim=1, descending=True, stable=True)
+
+
 def cdist(a: Tensor, b: Tensor) -> Tensor:
     """torch.cdist(a, b) (Euclidean, (B, M, C), (B, N, C) -> (B, M, N)), also inside an ONNX export.
 

@@ -120,17 +120,6 @@ def cluster_inattentive(z: Tensor, n: int, cfg: BATConfig) -> tuple[Tensor, Tens
     return _cluster.pool_groups(B, M, n, z.device), empty
 
 
-def argsort_desc(scores: Tensor) -> Tensor:
-    """Stable descending argsort of (B, T) scores (ties: the earlier token first).
-
-    ONNX has no stable sort, but its TopK (what the exporter makes of a plain sort) breaks ties by the lower
-    index, which is exactly this order; so the ONNX export records the plain sort and PyTorch runs the stable one.
-    """
-    if _cluster.onnx_exporting():
-        return scores.sort(dim=1, descending=True).indices
-    return scores.argsort(dim=1, descending=True, stable=True)
-
-
 @torch.no_grad()
 def bat_plan(feat: Tensor, scores: Tensor, K: int, p: int, n: int, cfg: BATConfig) -> BATPlan:
     """Split by class attention `scores` (B, T), match p attentive pairs, cluster the rest into n groups.
@@ -139,7 +128,7 @@ def bat_plan(feat: Tensor, scores: Tensor, K: int, p: int, n: int, cfg: BATConfi
     """
     B, T = scores.shape
     dev = scores.device
-    order = argsort_desc(scores)  # (B, T)
+    order = _cluster.argsort_desc(scores)  # (B, T)
     attentive, inattentive = order[:, :K], order[:, K:]
     M = T - K
     pairs = (_cluster.greedy_pairs(gather_tokens(feat, attentive), p) if p > 0

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..reduction import TokenReducer
 from ..registry import register_method
 from ..tokens import TokenState, merge_tokens
+from ._cluster import argsort_desc
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -63,15 +64,6 @@ def check_schedule(sched: list[int], num_patches: int) -> None:
         T -= r
 
 
-def stable_argsort_desc(v: Tensor) -> Tensor:
-    """argsort(v, descending, stable) for (B, n) by counting ranks (no sort op, so ONNX exports it). O(n^2)."""
-    n = v.shape[-1]
-    v = torch.nan_to_num(v, nan=float("inf"))  # NaN first, as torch's descending sort places it
-    before = torch.ones(n, n, dtype=torch.bool, device=v.device).tril(-1)  # [i, j]: j < i
-    rank = ((v.unsqueeze(1) > v.unsqueeze(2)) | ((v.unsqueeze(1) == v.unsqueeze(2)) & before)).sum(-1)  # (B, n)
-    return torch.empty_like(rank).scatter_(1, rank, torch.arange(n, device=v.device).expand_as(rank))
-
-
 @dataclass
 class MatchPlan:
     """Which token goes where: group (B, T) output slot of every non-prefix token; num_groups = T - r."""
@@ -95,7 +87,7 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     a_idx, b_idx = torch.arange(P % 2, T, 2, device=dev), torch.arange((P + 1) % 2, T, 2, device=dev)
     scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
     node_max, node_idx = scores.max(dim=-1)  # (B, Na)
-    order = stable_argsort_desc(node_max)  # (B, Na)
+    order = argsort_desc(node_max)  # (B, Na), stable: ties keep the earlier token first
     src, unm = order[:, :r], order[:, r:].sort(dim=-1).values  # A positions
     n_unm, n_b = unm.shape[1], b_idx.numel()
     slot_a = torch.empty_like(order)  # (B, Na): output slot of each A token
