@@ -45,3 +45,10 @@ def test_bad_input_tensor(shape, dtype, method):
     with pytest.raises(DynavitError) as e, torch.no_grad():
         model(x)
     assert isinstance(e.value, ValueError)
+
+
+def test_conv_stem_patch_size_and_pvt_pool_are_checked():
+    with pytest.raises(DynavitError, match="patch_size=8"):
+        dynavit.create_model("demo_vit", patch_size=8)
+    with pytest.raises(DynavitError, match="'mean'"):
+        dynavit.create_model("pvt_v2_b0", global_pool="mean")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -117,6 +118,24 @@ def test_viz_cli_bad_image_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"not an image")
     assert main(["viz", "--model", "demo_vit", "--image", str(bad)]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [(["--keep-rates", "0.7", "1.5"], "--keep-rates must be in \\(0, 1\\], got 1.5"),
+                                        (["--steps", "0"], "--steps must be >= 1, got 0")])
+def test_demo_bad_arguments_are_one_line(tmp_path, capsys, argv, match):
+    """Checked before anything is loaded or trained: exit 2 and a message naming the value."""
+    from dynavit.cli import main
+
+    assert main(["demo", "--output", str(tmp_path), *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_viz_cli_missing_image_is_one_line(tmp_path, capsys):
+    from dynavit.cli import main
+
+    assert main(["viz", "--model", "demo_vit", "--image", str(tmp_path / "none.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_demo_quick_smoke(tmp_path):

@@ -66,6 +66,18 @@ def test_matching_rule_on_hand_made_keys():
     assert plan2.group.tolist() == [[1, 2, 2, 1, 3, 0]] and plan2.num_groups == 4  # then t1 joins t2
 
 
+def test_tied_scores_merge_the_earlier_a_tokens():
+    """All A tokens equally similar to their best B (identical keys): the stable order merges A tokens 0..r-1,
+    each into the first B token, whatever the sort's backend would do with ties."""
+    tokens = torch.ones(2, 1 + 40, 8)  # class token + 40 patch tokens: A = 20 even, B = 20 odd positions
+    plan = bipartite_plan(tokens, 5, num_prefix=1)
+    n_unm = 20 - 5
+    a_slots = plan.group[:, 1::2]  # A = even positions of the full sequence = odd patch indices after the class token
+    assert (a_slots[:, :5] == n_unm).all()  # merged into B token 0's slot
+    assert (a_slots[:, 5:] == torch.arange(n_unm)).all()  # the rest keep their order
+    assert plan.num_groups == 35
+
+
 def test_parse_r_forms():
     assert parse_r(8, 4) == [8] * 4
     assert parse_r([3, 2], 4) == [3, 2, 0, 0]

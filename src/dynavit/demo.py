@@ -5,7 +5,7 @@ data: `assets/demo_models.json` has the command), the demo
 
 1. evaluates the dense model on the validation split;
 2. fine-tunes DynamicViT (with its dense teacher), EViT, BAT and ToMe at each keep rate (ToMe at the `r` whose
-   GMACs match EViT's) with the training engine of `dynavit train` and the methods' recipes, shortened
+   GMACs match BAT's) with the training engine of `dynavit train` and the methods' recipes, shortened
    (`DEMO_LR` below; `--quick` skips this and uses the weights as shipped);
 3. adds the shipped DiT (budget 0.5), evaluated at its own resolution against its dense PVTv2 twin;
 4. evaluates every model, times them side by side (interleaved rounds, median), counts GMACs;
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .assets import load_asset, manifest
 from .data.demo import DemoDataset
+from .errors import ConfigError
 from .data.transforms import AugmentConfig, eval_batch
 from .flops import count_gmacs
 
@@ -103,7 +104,7 @@ def tome_r_matching(gmacs_target: float, backbone: str, max_r: int = 16) -> int:
     for r in range(1, max_r + 1):
         try:
             g = count_gmacs(create_model(backbone, method="tome", r=r))
-        except ValueError:  # r too large for the token count
+        except ConfigError:  # r too large for the token count
             break
         if best is None or abs(g - gmacs_target) < best[1]:
             best = (r, abs(g - gmacs_target))
@@ -155,9 +156,10 @@ def run(cfg: DemoConfig) -> dict:
     log(f"[2/6] methods at keep rates {list(cfg.keep_rates)}{how}")
     for keep in cfg.keep_rates:
         r = None
-        for method in METHODS:
+        for method in METHODS:  # ToMe last: its r is the one whose GMACs match BAT's at this keep rate
             if method == "tome":
-                r = tome_r_matching(rows[-1]["gmacs"], cfg.backbone)  # rows[-1]: BAT at this keep rate
+                bat = next(row for row in rows if row["method"] == "bat" and row["keep_rate"] == keep)
+                r = tome_r_matching(bat["gmacs"], cfg.backbone)
             kw = method_kwargs(method, keep, r)
             # quick: DynamicViT's shipped predictors; full: fresh predictors, trained below as the recipe says
             extra = [f"{cfg.backbone}_dynamicvit_{keep:g}"] if method == "dynamicvit" and cfg.quick else []

@@ -96,13 +96,6 @@ class _PolicyAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: float) -> Tensor:
-        # under autocast the products below would be cast to bf16 / fp16 while the backward (run without
-        # autocast) meets them in float32: the whole function computes in float32, as stated above
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            return _PolicyAttention._forward(ctx, q, k, v, policy, scale, eps)
-
-    @staticmethod
-    def _forward(ctx, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: float) -> Tensor:
         B, H, T, d = q.shape
         dt = torch.promote_types(q.dtype, torch.float32)
         q3, k3 = q.to(dt).reshape(B * H, T, d), k.to(dt).reshape(B * H, T, d)
@@ -163,8 +156,11 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: flo
     """DynamicViT's masked attention: softmax_with_policy(scale q k^T, policy) @ v, same values and gradients.
 
     q, k, v (B, H, T, d), policy (B, T) -> (B, H, T, d). See `_PolicyAttention` for how it is computed.
+    Under autocast (mixed-precision training) it still computes in float32 and returns v's dtype: autocast
+    would cast its forward products to bf16 / fp16 while the backward, run outside autocast, met float32.
     """
-    return _PolicyAttention.apply(q, k, v, policy, scale, eps)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _PolicyAttention.apply(q, k, v, policy, scale, eps)
 
 
 class Attention(nn.Module):

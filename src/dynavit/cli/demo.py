@@ -28,12 +28,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..demo import DemoConfig
     from ..demo import run as run_demo
-    from ..errors import ConfigError
+    from ..errors import ConfigError, check_keep_rate
 
-    for k in args.keep_rates:
-        if not 0 < k <= 1:
-            raise ConfigError(f"--keep-rates must be in (0, 1], got {k}")
-    cfg = DemoConfig(output=args.output, quick=args.quick, keep_rates=tuple(args.keep_rates), seed=args.seed,
+    keep_rates = tuple(check_keep_rate(k, "--keep-rates") for k in args.keep_rates)
+    cfg = DemoConfig(output=args.output, quick=args.quick, keep_rates=keep_rates, seed=args.seed,
                      val_images=args.val_images or (300 if args.quick else 1000),
                      bench_repeats=3 if args.quick else 5)
     for name in ("steps", "dynamicvit_steps"):

@@ -25,11 +25,11 @@ def load_image(path: str, img_size: int):
     from PIL import Image, UnidentifiedImageError
 
     from ..data.transforms import eval_batch, pil_resize_center_crop, resize_size
-    from ..errors import CheckpointNotFoundError, DataError
+    from ..errors import DataError
 
     p = Path(path)
     if not p.is_file():
-        raise CheckpointNotFoundError(f"image {str(p)!r} does not exist")
+        raise DataError(f"image {str(p)!r} does not exist")
     try:
         with Image.open(p) as img:
             x = pil_resize_center_crop(img, resize_size(img_size), img_size)
