@@ -1,8 +1,9 @@
 """`dynavit demo [--output DIR] [--quick] [--from-scratch]`: the main job on the embedded default (see dynavit.demo).
 
-The full demo fine-tunes every method briefly (about 7 minutes on 2 quiet CPU cores, 17 on a shared one); `--quick` evaluates the
-shipped weights as they are (3-6 minutes); `--from-scratch` first re-runs the `dynavit train` commands that
-made the shipped models (listed in assets/demo_models.json; about an hour on 2 CPU cores).
+The full demo fine-tunes every method briefly (about 7 minutes on 2 quiet CPU cores, 17 on a shared one);
+`--quick` evaluates the shipped weights as they are (3-6 minutes); `--from-scratch` first re-runs the
+`dynavit train` commands that made the shipped models (listed in assets/demo_models.json; about an hour on 2
+CPU cores).
 """
 from __future__ import annotations
 
