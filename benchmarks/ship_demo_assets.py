@@ -24,7 +24,8 @@ ASSETS = {
     "demo_vit": dict(
         model="demo_vit", kwargs={}, needs=["demo_cnn"],
         description="dense ViT, 12 blocks, width 64, 196 tokens, conv stem, LV-ViT aux head",
-        command=["train", "--model", "demo_vit", "--init", "{root}/demo_cnn/model.safetensors", *COMMON,
+        command=["train", "--model", "demo_vit", "--init", "{root}/demo_cnn/model.safetensors", "--allow-partial",
+                 *COMMON,
                  "--demo-size", "32000", "1000", "--epochs", "1", "--batch-size", "32", "--lr", "8e-3",
                  "--warmup-epochs", "0.02", "--clip-grad", "1.0", "--output", "{root}/demo_vit"]),
     "demo_dit": dict(
@@ -37,7 +38,7 @@ ASSETS = {
 for _keep in (0.7, 0.5):
     ASSETS[f"demo_vit_dynamicvit_{_keep:g}"] = dict(
         model="demo_vit", method="dynamicvit", method_kwargs={"keep_rate": _keep}, partial=True,
-        needs=["demo_vit"], keys="score_predictor.",
+        needs=["demo_vit"], backbone="demo_vit", keys="score_predictor.",
         description=f"DynamicViT predictors for demo_vit at keep rate {_keep:g} (150 steps, recipe 'dynamicvit')",
         command=["train", "--model", "demo_vit", "--method", "dynamicvit", "--keep-rate", f"{_keep:g}", "--init",
                  "{root}/demo_vit/model.safetensors", *COMMON, "--no-eval", "--demo-size", "4800", "1",
@@ -60,7 +61,8 @@ def main(root: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / f"{name}.safetensors"))
         summary = json.loads((run / "summary.json").read_text())
         entry = {k: v for k, v in spec.items() if k != "keys"}
-        entry.update(file=f"{name}.safetensors", top1=summary.get("top1"), seconds=round(summary["seconds"]),
+        entry.update(classes=[str(c) for c in range(10)], file=f"{name}.safetensors", top1=summary.get("top1"),
+                     seconds=round(summary["seconds"]),
                      steps=summary["steps"], images=summary["steps"] * summary["global_batch"],
                      trained_on="2-core CPU (AMD EPYC), torch 2.13.0, shared with other jobs")
         manifest[name] = entry

@@ -1,7 +1,7 @@
 """dynavit: per-image token reduction for vision transformers (DynamicViT, BAT, DiT, EViT, ToMe)."""
 from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, DataError, DynavitError, InputError,
-                     TrainingError, UnknownNameError)
+                     OutputError, TrainingError, UnknownNameError)
 from .flops import count_gmacs
 from .metrics import diversity_score
 from .reduction import TokenReducer
@@ -15,4 +15,5 @@ __all__ = [
     "load_checkpoint", "load_state_dict", "save_checkpoint", "count_gmacs", "diversity_score",
     "TokenReducer", "TokenState", "ReductionInfo", "DynavitError", "ConfigError", "InputError",
     "UnknownNameError", "CheckpointError", "CheckpointNotFoundError", "DataError", "TrainingError",
+    "OutputError",
 ]

@@ -2,7 +2,8 @@
 
 `src/dynavit/assets/demo_models.json` lists each asset: the registered model it loads into, its keyword
 arguments, what it was trained on, the exact `dynavit train` command that reproduces it and how long that
-took. `load_asset("demo_vit")` builds the model and loads the weights strictly; with `method=` the dense
+took. A method asset (`demo_vit_dynamicvit_0.7`) holds only the method's parameters and names its `backbone`:
+`load_asset` of it loads both. `load_asset("demo_vit")` builds the model and loads the weights strictly; with `method=` the dense
 weights go into a token-reduced model (a method's own new parameters, e.g. DynamicViT's predictors, then come
 from `extra=` assets or stay freshly initialised).
 """
@@ -49,11 +50,17 @@ def load_asset(name: str, method: Optional[str] = None, extra: Sequence[str] = (
     the method's own parameters are taken from the `extra` assets (e.g. 'demo_vit_dynamicvit_0.7').
     """
     from .checkpoint import load_checkpoint
-    from .errors import CheckpointError
+    from .errors import CheckpointError, ConfigError
     from .registry import create_model
 
     path = asset_path(name, root)
     entry = manifest()[name]
+    if entry.get("partial"):  # a method asset: its backbone first, then its own parameters
+        if method not in (None, entry["method"]):
+            raise ConfigError(f"asset {name!r} holds {entry['method']!r} parameters, not {method!r}")
+        backbone = entry.get("backbone") or entry["needs"][-1]
+        return load_asset(backbone, method=entry["method"], extra=[name, *extra], root=root,
+                          **{**entry.get("method_kwargs", {}), **kwargs})
     model = create_model(entry["model"], method=method, **{**entry.get("kwargs", {}), **kwargs})
     report = load_checkpoint(model, path, strict=method is None and not extra)
     if report.unexpected or report.mismatched:

@@ -7,8 +7,10 @@ image size. A checkpoint that still does not fit raises one `CheckpointError` th
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import stat
 import pickle
 import re
 import tempfile
@@ -48,6 +50,7 @@ def read_checkpoint(path: PathLike) -> dict:
         raise CheckpointNotFoundError(f"checkpoint not found: {str(path)!r}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path {str(path)!r} is a directory; give the .safetensors or .pth file")
+    _check_readable(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -57,7 +60,12 @@ def read_checkpoint(path: PathLike) -> dict:
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # DeiT's / DynamicViT's training scripts save {'model': ..., 'args': argparse.Namespace(...)}: the Namespace
+        # (a plain attribute bag) is the one class allowed beyond weights_only's tensors, numbers and containers
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise CheckpointError(f"permission denied reading checkpoint {str(path)!r}: {e.strerror}") from None
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {str(path)!r}: it holds Python objects beyond plain tensors and numbers, and "
@@ -69,6 +77,33 @@ def read_checkpoint(path: PathLike) -> dict:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
+
+
+def _check_readable(path: Path) -> None:
+    """A file this process may not read is a permission error, named as such (safetensors reports it as
+    'No such file or directory')."""
+    if not os.access(path, os.R_OK):
+        st = path.stat()
+        raise CheckpointError(f"permission denied reading checkpoint {str(path)!r} (mode {stat.filemode(st.st_mode)}, "
+                              f"owner uid {st.st_uid}); ask its owner to make it readable (chmod a+r)")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError as e:
+        raise CheckpointError(f"permission denied reading checkpoint {str(path)!r}: {e.strerror}") from None
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc says it, else set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def unwrap_state_dict(obj: Mapping) -> dict:
@@ -165,6 +200,18 @@ def filter_state_dict(sd: Mapping, model: nn.Module, report: Optional[LoadReport
     return sd
 
 
+CLASSIFIER_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")
+
+
+def num_classes_of(state_dict: Mapping) -> Optional[int]:
+    """The number of classes of a (filtered) state dict: rows of its classifier weight, or None."""
+    for key in CLASSIFIER_KEYS:
+        w = state_dict.get(key)
+        if isinstance(w, Tensor) and w.ndim >= 1:
+            return int(w.shape[0])
+    return None
+
+
 def _fmt(keys: list, limit: int = 12) -> str:
     shown = ", ".join(str(k) for k in keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -190,8 +237,13 @@ def load_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True,
             lines.append(f"  missing keys ({len(report.missing)}): {_fmt(report.missing)}")
         if report.unexpected:
             lines.append(f"  unexpected keys ({len(report.unexpected)}): {_fmt(report.unexpected)}")
-        lines.append("  (is it for another architecture, method or number of classes? load_checkpoint(..., "
-                     "strict=False) loads what fits)")
+        n_ckpt, n_model = num_classes_of(sd), num_classes_of(target)
+        if n_ckpt is not None and n_model is not None and n_ckpt != n_model:
+            lines.append(f"  (the checkpoint has {n_ckpt} classes, the model {n_model}: build the model with "
+                         f"num_classes={n_ckpt}, on the command line --num-classes {n_ckpt})")
+        else:
+            lines.append("  (is it for another architecture or method? load_checkpoint(..., strict=False) loads "
+                         "what fits)")
         raise CheckpointError("\n".join(lines))
     bad = {k for k, _, _ in report.mismatched}
     fitting = {k: v for k, v in sd.items() if k in target and k not in bad}
@@ -225,6 +277,7 @@ def save_checkpoint(model_or_state: Union[nn.Module, Mapping], path: PathLike,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600: give it the mode open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -36,10 +36,16 @@ class TrainingError(DynavitError, RuntimeError):
     """A run that cannot continue (NaN loss, output directory already in use, ...)."""
 
 
+class OutputError(DynavitError, OSError):
+    """An output path that cannot be written (read-only folder, a file where a folder is expected, ...)."""
+
+
 def unknown_name(kind: str, name: str, known) -> UnknownNameError:
     """Build an UnknownNameError for `name` with a 'did you mean' from `known`."""
     known = sorted(known)
-    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    lower = {str(k).lower(): k for k in known}
+    close = difflib.get_close_matches(str(name).lower(), sorted(lower), n=3, cutoff=0.5)
+    close = [lower[c] for c in close]  # case-insensitive: 'EViT' suggests 'evit'
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     shown = ", ".join(known[:40]) + (", ..." if len(known) > 40 else "")
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {shown}.")

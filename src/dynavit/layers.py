@@ -16,13 +16,26 @@ from torch import Tensor, nn
 from .tokens import class_attention
 
 
+def patch_grid(img_size: int, patch_size: int) -> tuple:
+    """(H/p, W/p) for a square image; a size that is not a multiple of the patch is refused (a silent floor
+    would drop the image's last pixels: 200 px with 16-pixel patches is a 12 x 12 grid of 192 px)."""
+    from .errors import ConfigError
+
+    if int(img_size) < int(patch_size) or int(img_size) % int(patch_size):
+        lo = max(int(img_size) // int(patch_size), 1) * int(patch_size)
+        raise ConfigError(f"img_size {img_size} is not a multiple of patch_size {patch_size} (the patch grid would "
+                          f"cover only {int(img_size) // int(patch_size) * int(patch_size)} px); use "
+                          f"{lo}" + (f" or {lo + int(patch_size)}" if lo < int(img_size) else ""))
+    return (int(img_size) // int(patch_size),) * 2
+
+
 class PatchEmbed(nn.Module):
     """Image (B, 3, H, W) -> patch tokens (B, N, C) by a strided convolution (ViT / DeiT)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
         self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = patch_grid(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 

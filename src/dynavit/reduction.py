@@ -41,8 +41,12 @@ class TokenReducer:
         return logits
 
     def set_keep_rate(self, keep_rate: float) -> None:
-        """Change the keep rate at run time (training schedules). Methods without one raise."""
-        raise NotImplementedError(f"method {self.name!r} has no keep rate")
+        """Change the keep rate at run time (training schedules). Methods without one raise a ConfigError."""
+        from .errors import ConfigError
+
+        hint = getattr(self, "keep_rate_hint", "")
+        raise ConfigError(f"method {self.name!r} has no keep rate (got set_keep_rate({keep_rate!r}))"
+                          + (f"; {hint}" if hint else ""))
 
     def extra_repr(self) -> str:
         return ""

@@ -101,7 +101,17 @@ def apply_method(model: nn.Module, method: str, **params) -> nn.Module:
     bad = [k for k in params if k not in spec.params]
     if bad:
         raise ConfigError(f"method {method!r} got unknown argument(s) {bad}; it accepts {list(spec.params)}")
-    return spec.apply(model, **params)
+    current = getattr(model, "reducer", None)
+    if current is not None:
+        raise ConfigError(f"model {getattr(model, 'model_name', type(model).__name__)!r} already has method "
+                          f"{getattr(current, 'name', type(current).__name__)!r}; apply_method attaches a method to a "
+                          f"dense model only (build a fresh one, or change the running method's setting, e.g. "
+                          f"model.reducer.set_keep_rate)")
+    before = set(model.state_dict())
+    model = spec.apply(model, **params)
+    # the method's own tensors (DynamicViT's predictors): a dense checkpoint cannot hold them
+    model.method_state_keys = tuple(k for k in model.state_dict() if k not in before)
+    return model
 
 
 def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
@@ -120,7 +130,10 @@ def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[s
     if method is not None and method != "dense":
         spec = get_method(method)
         method_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in spec.params}
-    model = _call_checked(_MODELS[name], f"model {name!r}", kwargs)
+    try:
+        model = _call_checked(_MODELS[name], f"model {name!r}", kwargs)
+    except ConfigError as e:
+        raise _explain_unknown_kwarg(e, name, method, kwargs) from None
     model.model_name = name
     if method is not None and method != "dense":
         model = apply_method(model, method, **method_kwargs)
@@ -129,3 +142,46 @@ def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[s
 
         load_checkpoint(model, checkpoint)
     return model
+
+
+def _backbone_params(name: str) -> list:
+    """The architecture arguments backbone `name` accepts (from its constructor's class), or [] if unknown."""
+    import typing
+
+    fn = _MODELS[name]
+    try:
+        cls = typing.get_type_hints(fn).get("return")
+        params = inspect.signature(cls.__init__).parameters if isinstance(cls, type) else {}
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return []
+    return [p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+
+
+def _explain_unknown_kwarg(error: ConfigError, name: str, method: Optional[str], kwargs: dict) -> ConfigError:
+    """An 'unexpected keyword argument' from a backbone, reworded: which method takes it, what is accepted."""
+    import difflib
+    import re
+
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(error)) or re.search(r"unknown argument\(s\) \['(\w+)'",
+                                                                                   str(error))
+    if not m:
+        return error
+    key = m.group(1)
+    method = None if method in (None, "dense") else method
+    owners = sorted(n for n, spec in _METHODS.items() if key in spec.params and n != method)
+    what = f"model {name!r}" + (f" + method {method!r}" if method else " (dense, no method)")
+    model_params = _backbone_params(name)
+    method_params = list(get_method(method).params) if method else []
+    if owners:
+        msg = f"{what} does not take {key!r}: it is a parameter of method(s) {', '.join(owners)}"
+        if not method:
+            msg += f" (pass --method / method=, e.g. {owners[0]!r})"
+    else:
+        close = difflib.get_close_matches(key, method_params + model_params, n=2, cutoff=0.6)
+        msg = f"{what} got unknown argument {key!r}" + (f" (did you mean {', '.join(map(repr, close))}?)"
+                                                         if close else "")
+    if method:
+        msg += f"; method {method!r} accepts {method_params}"
+    if model_params:
+        msg += f"; the model accepts {model_params}"
+    return ConfigError(msg)

@@ -100,8 +100,11 @@ def model_grid(model) -> tuple:
     return (size // 4, size // 4)  # PVTv2 / DiT: stride-4 stem
 
 
-def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None) -> list:
-    """Run `model` on a batch (B, 3, H, W) and return, per image, a list of (title, kind, payload) panels."""
+def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
+               class_names: Optional[Sequence[str]] = None) -> list:
+    """Run `model` on a batch (B, 3, H, W) and return, per image, a list of (title, kind, payload) panels.
+
+    The last panel names the predicted class (`class_names[i]` when given, else the index)."""
     model.eval()
     with torch.no_grad():
         logits, info = model(x, return_info=True)
@@ -119,7 +122,9 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None) -> list
             for s, p2t in enumerate(info.patch_to_token):
                 panels.append((f"stage {s + 1}: {describe(p2t[b])}", "overlay",
                                 token_overlay(image, p2t[b], grid)))
-        panels[-1] = (panels[-1][0] + f"\npredicted {int(pred[b])}", *panels[-1][1:])
+        k = int(pred[b])
+        name = class_names[k] if class_names is not None and k < len(class_names) else k
+        panels[-1] = (panels[-1][0] + f"\npredicted {name}", *panels[-1][1:])
         out.append(panels)
     return out
 

@@ -1,7 +1,8 @@
 """The `dynavit` command line. Each subcommand is a module in this package with `add_parser(subparsers)` and
 `run(args) -> int`; modules are discovered, so a new subcommand is a new file.
 
-Errors of dynavit's own types print as one line and exit with status 2 (a traceback only with --debug).
+Errors of dynavit's own types, bad arguments and unusable paths (permissions) print as one line and exit with
+status 2 (a traceback only with --debug).
 """
 from __future__ import annotations
 
@@ -22,9 +23,17 @@ def _subcommand_modules():
     return [importlib.import_module(f"{__name__}.{n}") for n in names]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the README's promise: a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        print(f"dynavit: error: {self.prog.split(' ', 1)[-1]}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynavit", description="Per-image token reduction for vision "
-                                     "transformers: DynamicViT, BAT, DiT, EViT, ToMe.")
+    parser = OneLineParser(prog="dynavit", description="Per-image token reduction for vision "
+                           "transformers: DynamicViT, BAT, DiT, EViT, ToMe.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _subcommand_modules():
@@ -45,6 +54,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         msg = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"dynavit: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave that cannot be read or written (permissions, a file for a folder)
+        if args.debug:
+            raise
+        where = f": {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"dynavit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dynavit: interrupted", file=sys.stderr)

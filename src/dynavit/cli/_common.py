@@ -6,19 +6,42 @@ import argparse
 from ..errors import ConfigError
 
 
-def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, model_required: bool = True) -> None:
     if model_positional:
         p.add_argument("model", help="model name (see `dynavit models`)")
-    else:
+    elif model_required:
         p.add_argument("--model", required=True, help="model name (see `dynavit models`)")
+    else:
+        p.add_argument("--model", default=None, help="model name (see `dynavit models`; default: the one the "
+                       "--checkpoint asset or run directory was made for)")
     p.add_argument("--method", default=None, help="token-reduction method (default: dense)")
-    p.add_argument("--keep-rate", type=float, default=None, help="keep rate in (0, 1] (dynamicvit, evit, bat, ...)")
-    p.add_argument("--r", type=int, default=None, help="ToMe: tokens merged per block")
+    p.add_argument("--keep-rate", type=number(float, ">0"), default=None, help="keep rate in (0, 1] (dynamicvit, evit, bat, ...)")
+    p.add_argument("--r", type=number(int, ">=0"), default=None, help="ToMe: tokens merged per block")
     p.add_argument("--budget", type=float, default=None, help="DiT: target fraction of the full routing cost")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
+    p.add_argument("--img-size", type=number(int, ">0"), default=None, help="input resolution (default: the model's)")
+    p.add_argument("--num-classes", type=number(int, ">0"), default=None, help="classifier outputs (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model or method argument (repeatable), e.g. --set prune_locations=[2,5,8]")
+
+
+def number(kind: type, rule: str = ""):
+    """An argparse type: int / float with a bound ('>0', '>=0', '>=1'); bad values are one-line usage errors."""
+    op, bound = (rule[:2], rule[2:]) if rule[:2] in (">=", "<=") else (rule[:1], rule[1:])
+    limit = float(bound) if bound else None
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if limit is not None and not {">": value > limit, ">=": value >= limit, "<=": value <= limit}[op]:
+            raise argparse.ArgumentTypeError(f"must be {op} {bound}, got {text}")
+        if kind is float and value != value:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def parse_value(text: str):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_model_args, model_kwargs
+from ._common import add_model_args, model_kwargs, number
+from ._weights import PARTIAL_FLAG
 
 
 def add_parser(sub) -> None:
@@ -17,36 +18,44 @@ def add_parser(sub) -> None:
                    "'demo' (the embedded digits dataset)")
     p.add_argument("--output", required=True, help="run directory (checkpoints, log.jsonl, summary.json)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None, help="epochs (default: the recipe's)")
-    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps instead of epochs")
+    g.add_argument("--epochs", type=number(float, ">0"), default=None, help="epochs (default: the recipe's)")
+    g.add_argument("--max-steps", type=number(int, ">=1"), default=None, help="optimiser steps instead of epochs")
     p.add_argument("--recipe", default=None, help="dense | finetune | dynamicvit | evit | bat | tome | dit "
                    "(default: from --method)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per process per micro-batch (default 64)")
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
+    p.add_argument("--batch-size", type=number(int, ">=1"), default=64, help="images per process per micro-batch (default 64)")
+    p.add_argument("--accum-steps", type=number(int, ">=1"), default=1, help="gradient accumulation micro-batches per step")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--extend", action="store_true", help="with --resume: train a finished (or interrupted) run to "
+                   "a new --epochs / --max-steps; the lr and keep-rate schedules are recomputed for the new length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", "--finetune", dest="init", default=None, metavar="CHECKPOINT",
-                   help="weights to start from (what fits is loaded: a dense checkpoint into a method's model)")
-    p.add_argument("--lr", type=float, default=None, help="peak lr at the recipe's reference batch (scaled)")
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--clip-grad", type=float, default=None, help="max global gradient norm")
-    p.add_argument("--freeze-backbone-epochs", type=float, default=None)
-    p.add_argument("--ema-decay", type=float, default=None, help="model EMA decay (0 = off)")
+                   help="weights to start from: a file, a run directory or a shipped asset name. Every backbone "
+                   "weight must load (a dense checkpoint into a method's model: the method's new parts start fresh; "
+                   "a classifier of another size is re-initialised)")
+    p.add_argument(PARTIAL_FLAG, action="store_true", help="with --init: load what fits and leave the rest at "
+                   "its initial values (otherwise unloaded backbone weights are an error)")
+    p.add_argument("--lr", type=number(float, ">0"), default=None,
+                   help="peak lr at the recipe's reference batch (scaled by global batch / reference batch)")
+    p.add_argument("--no-lr-scale", action="store_true", help="use --lr (or the recipe's lr) as given, unscaled")
+    p.add_argument("--min-lr", type=number(float, ">=0"), default=None)
+    p.add_argument("--warmup-epochs", type=number(float, ">=0"), default=None)
+    p.add_argument("--weight-decay", type=number(float, ">=0"), default=None)
+    p.add_argument("--clip-grad", type=number(float, ">0"), default=None, help="max global gradient norm")
+    p.add_argument("--freeze-backbone-epochs", type=number(float, ">=0"), default=None)
+    p.add_argument("--ema-decay", type=number(float, ">=0"), default=None, help="model EMA decay in [0, 1) (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="mixed precision (auto: bf16 / fp16 on CUDA, off on CPU)")
     p.add_argument("--aug", default=None, choices=["deit", "light", "none"], help="augmentation preset")
-    p.add_argument("--mixup", type=float, default=None)
-    p.add_argument("--cutmix", type=float, default=None)
-    p.add_argument("--smoothing", type=float, default=None)
+    p.add_argument("--mixup", type=number(float, ">=0"), default=None)
+    p.add_argument("--cutmix", type=number(float, ">=0"), default=None)
+    p.add_argument("--smoothing", type=number(float, ">=0"), default=None)
     p.add_argument("--no-distill", action="store_true", help="DynamicViT: no teacher distillation")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
-    p.add_argument("--log-every", type=int, default=10, help="log.jsonl line every N steps")
-    p.add_argument("--no-eval", action="store_true", help="skip the per-epoch validation")
-    p.add_argument("--demo-size", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+    p.add_argument("--workers", type=number(int, ">=0"), default=None, help="DataLoader workers per process")
+    p.add_argument("--save-every", type=number(int, ">=0"), default=0, help="also checkpoint every N steps")
+    p.add_argument("--log-every", type=number(int, ">=1"), default=10, help="log.jsonl line every N steps")
+    p.add_argument("--no-eval", action="store_true", help="no validation (also: train on a folder without val/)")
+    p.add_argument("--demo-size", type=number(int, ">=1"), nargs=2, default=None, metavar=("TRAIN", "VAL"),
                    help="demo dataset sizes (default 5000 1000)")
     p.add_argument("--demo-cache", action="store_true", help="render the demo once into ~/.cache/dynavit "
                    "(about 150 KB per image; worth it when the model is faster than the renderer, e.g. on a GPU)")
@@ -66,19 +75,64 @@ def _augment_config(args, recipe):
     return replace(cfg, **changes)
 
 
-def _load_init(model, path, main: bool) -> None:
-    from ..checkpoint import load_checkpoint
+def check_output_dir(path: str) -> None:
+    """--output must be a folder this process can create and write to (one line otherwise, before any work)."""
+    import os
+    from pathlib import Path
 
-    report = load_checkpoint(model, path, strict=False)
-    if main:
-        print(f"init: loaded {path}" + (f" ({'; '.join(report.converted)})" if report.converted else ""))
-        if report.missing:
-            print(f"  newly initialised ({len(report.missing)}): {', '.join(report.missing[:8])}"
-                  + (" ..." if len(report.missing) > 8 else ""))
-        for key, a, b in report.mismatched:
-            print(f"  not loaded (shape {a} in checkpoint, {b} in model): {key}")
-        if report.unexpected:
-            print(f"  ignored ({len(report.unexpected)}): {', '.join(report.unexpected[:8])}")
+    from ..errors import OutputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {path!r} is a file, not a run directory; choose a folder name")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create --output {path!r}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to --output {path!r}: permission denied (choose another folder)")
+
+
+def data_splits(data: str, no_eval: bool) -> tuple:
+    """(train folder, val folder or None) of `--data`, or a DataError saying what was found and what to pass."""
+    from pathlib import Path
+
+    from ..errors import CheckpointNotFoundError, DataError
+
+    root = Path(data)
+    if not root.is_dir():
+        raise CheckpointNotFoundError(f"data folder not found: {data!r} (expected {data}/train/<class>/... and "
+                                      f"{data}/val/<class>/..., or 'demo')")
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if (root / "train").is_dir():
+        if (root / "val").is_dir():
+            return root / "train", (None if no_eval else root / "val")
+        if no_eval:
+            return root / "train", None
+        raise DataError(f"{data!r} has train/ but no val/ (found: {', '.join(present)}): add {data}/val/<class>/... "
+                        f"or pass --no-eval to train without validation")
+    if (root / "val").is_dir():
+        raise DataError(f"{data!r} has val/ but no train/ (found: {', '.join(present)}): training needs "
+                        f"{data}/train/<class>/...")
+    if no_eval:
+        print(f"note: {data!r} has no train/ split: training on its class folders ({len(present)}), no validation")
+        return root, None
+    raise DataError(f"{data!r} has no train/ and val/ split (found: {', '.join(present[:8]) or 'nothing'}"
+                    f"{', ...' if len(present) > 8 else ''}): arrange {data}/train/<class>/... and "
+                    f"{data}/val/<class>/..., or pass --no-eval to train on its class folders without validation")
+
+
+def learning_rate(args, recipe, global_batch: int, main: bool) -> tuple:
+    """(lr, the rule as printed): scaled by global batch / the recipe's reference batch unless --no-lr-scale."""
+    base = recipe.lr if args.lr is None else args.lr
+    if args.no_lr_scale:
+        return base, f"lr = {base:g} (--no-lr-scale: not scaled by the global batch {global_batch})"
+    lr, rule = recipe.scaled_lr(global_batch, args.lr)
+    if main and global_batch * 8 <= recipe.lr_batch:
+        rule += (f"\nnote: the global batch {global_batch} is {recipe.lr_batch / global_batch:g}x smaller than the "
+                 f"recipe's reference {recipe.lr_batch}, so the lr is scaled down to {lr:.3g}; pass --no-lr-scale to "
+                 f"use {base:g} as given")
+    return lr, rule
 
 
 def run(args) -> int:
@@ -86,12 +140,21 @@ def run(args) -> int:
 
     from ..data import build_dataset
     from ..data.folder import scan_folder
-    from ..registry import create_model
+    from ..registry import create_model, get_method
     from ..train import dist as D
     from ..train.criterion import build_criterion
     from ..train.engine import Trainer, TrainConfig
     from ..train.recipes import get_recipe
 
+    if args.extend and not args.resume:
+        from ..errors import ConfigError
+
+        raise ConfigError("--extend continues an existing run: use it with --resume")
+    if args.ema_decay is not None and args.ema_decay >= 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    check_output_dir(args.output)
     info = D.setup(args.device)
     try:
         import torch
@@ -100,31 +163,33 @@ def run(args) -> int:
         recipe = get_recipe(args.recipe, args.method, args.model)
         if args.data == "demo":
             classes = [str(c) for c in range(10)]
+            train_dir, val_dir = "demo", (None if args.no_eval else "demo")
         else:
-            from pathlib import Path
-
-            root = Path(args.data)
-            classes, _ = scan_folder(root / "train" if (root / "train").is_dir() else root)
+            train_dir, val_dir = data_splits(args.data, args.no_eval)
+            classes, _ = scan_folder(train_dir)
         kw = model_kwargs(args)
         kw.setdefault("num_classes", len(classes))
         model = create_model(args.model, method=args.method, **kw)
         img_size = getattr(model, "img_size", 224)
         if args.init:
-            _load_init(model, args.init, info.main)
+            from ._weights import load_weights, resolve_weights
+
+            load_weights(model, resolve_weights(args.init), purpose="init", partial=args.allow_partial,
+                         log=print if info.main else (lambda _: None))
         demo_train, demo_val = args.demo_size or (None, None)
-        train_set = build_dataset(args.data, "train", img_size, train=True, demo_size=demo_train,
+        train_set = build_dataset(str(train_dir), "train", img_size, train=True, demo_size=demo_train,
                                   demo_cache=args.demo_cache)
         val_set = None
-        if not args.no_eval:
-            val_set = build_dataset(args.data, "val", img_size, train=False, classes=getattr(train_set, "classes",
-                                                                                           None), demo_size=demo_val,
-                                    demo_cache=args.demo_cache)
+        if val_dir is not None:
+            val_set = build_dataset(str(val_dir), "val", img_size, train=False, classes=getattr(train_set, "classes",
+                                                                                              None),
+                                    demo_size=demo_val, demo_cache=args.demo_cache)
         aug = _augment_config(args, recipe)
         criterion = build_criterion(model, recipe.criterion, smoothing=aug.smoothing,
                                     distill=recipe.distill and not args.no_distill, budget=args.budget,
                                     budget_start=recipe.budget_start)
         global_batch = args.batch_size * info.world * args.accum_steps
-        lr, rule = recipe.scaled_lr(global_batch, args.lr)
+        lr, rule = learning_rate(args, recipe, global_batch, info.main)
         reducer = getattr(model, "reducer", None)
         keep = args.keep_rate
         if keep is None and reducer is not None and len(set(getattr(reducer, "keep_rates", ()))) == 1:
@@ -143,11 +208,15 @@ def run(args) -> int:
             ema_decay=pick(args.ema_decay, recipe.ema_decay), amp=args.amp, seed=args.seed, img_size=img_size,
             num_classes=len(classes), augment=aug, keep_rate=keep,
             keep_schedule=recipe.keep_schedule if keep is not None else None, workers=args.workers,
-            save_every=args.save_every, log_every=args.log_every, resume=args.resume,
+            save_every=args.save_every, log_every=args.log_every, resume=args.resume, extend=args.extend,
             find_unused_parameters=recipe.criterion == "budget", tensorboard=args.tensorboard,
             stop_after_step=args.stop_after_step)
+        method_params = get_method(args.method).params if args.method not in (None, "dense") else ()
         meta = {"model": args.model, "method": args.method or "dense", "recipe": recipe.name,
-                "keep_rate": keep, "data": args.data, "num_classes": len(classes), "img_size": img_size}
+                "keep_rate": keep, "data": args.data, "num_classes": len(classes), "img_size": img_size,
+                "model_kwargs": {k: v for k, v in kw.items() if k not in method_params},
+                "method_kwargs": {k: v for k, v in kw.items() if k in method_params},
+                "classes": list(getattr(train_set, "classes", None) or classes)}
         trainer = Trainer(model, criterion, train_set, val_set, cfg, info, meta)
         if info.main:
             params = sum(p.numel() for p in model.parameters()) / 1e6

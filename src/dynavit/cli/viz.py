@@ -2,19 +2,22 @@
 
 Pruned patches are faded, merged groups coloured (one colour per token), DiT's routing shown as blocks run per
 location; one panel per reduction stage. `--checkpoint` takes a file, a run directory or the name of a shipped
-asset (e.g. `demo_vit`); without it the freshly initialised model is drawn (its choices are then arbitrary).
+asset (e.g. `demo_vit`, or `demo_vit_dynamicvit_0.7`, which loads its backbone too); the model, method and class
+count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
+arbitrary). The predicted class of each image is printed, by name when the run saved its class names.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_model_args, model_kwargs
+from ._common import add_model_args
+from ._weights import add_weights_args
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("viz", help="draw the tokens a method kept, merged or routed for an image")
-    add_model_args(p)
-    p.add_argument("--checkpoint", default=None, help="weights: file, run directory, or shipped asset name")
+    add_model_args(p, model_required=False)
+    add_weights_args(p)
     p.add_argument("--image", required=True, nargs="+", help="image file(s) (anything PIL reads)")
     p.add_argument("--output", default=None, help="PNG to write (default: IMAGE_tokens.png beside the image)")
     p.set_defaults(func=run)
@@ -38,30 +41,53 @@ def load_image(path: str, img_size: int):
     return eval_batch(x.unsqueeze(0), img_size)
 
 
+def check_output_file(path: Path) -> None:
+    """An output file must be writable: its folder exists (or can be made) and accepts a new file."""
+    import os
+
+    from ..errors import OutputError
+
+    if path.is_dir():
+        raise OutputError(f"--output {str(path)!r} is a folder; give a file name such as {str(path / 'tokens.png')!r}")
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the folder of --output {str(path)!r}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot write --output {str(path)!r}: permission denied (choose another folder)")
+
+
 def run(args) -> int:
     import torch
 
-    from ..assets import manifest
-    from ..checkpoint import load_checkpoint
     from ..registry import create_model
     from ..viz import panels_for, save_grid
-    from .eval import resolve_checkpoint
+    from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
 
-    kw = model_kwargs(args)
-    if args.checkpoint and args.checkpoint in manifest():
-        from ..assets import load_asset
-
-        model = load_asset(args.checkpoint, method=args.method, **kw)
-    else:
-        model = create_model(args.model, method=args.method, **kw)
-        if args.checkpoint:
-            load_checkpoint(model, resolve_checkpoint(args.checkpoint), strict=True)
+    images = [Path(p) for p in args.image]
+    out = Path(args.output) if args.output else images[0].with_name(images[0].stem + "_tokens.png")
+    check_output_file(out)
+    w = resolve_weights(args.checkpoint) if args.checkpoint else None
+    name, method, kw = model_for(args, w)
+    if w is not None and "num_classes" not in kw:
+        n = checkpoint_classes(w)
+        if n is not None:
+            kw["num_classes"] = n
+    model = create_model(name, method=method, **kw)
+    if w is not None:
+        load_weights(model, w, partial=args.allow_partial)
     model.eval()
     size = getattr(model, "img_size", 224)
-    x = torch.cat([load_image(p, size) for p in args.image])
-    rows = panels_for(model, x, [Path(p).name for p in args.image])
-    out = Path(args.output) if args.output else Path(args.image[0]).with_name(Path(args.image[0]).stem + "_tokens.png")
-    method = args.method or "dense"
-    save_grid(rows, out, title=f"{args.model} + {method}" + (f" ({args.checkpoint})" if args.checkpoint else ""))
+    x = torch.cat([load_image(str(p), size) for p in images])
+    classes = w.classes if w is not None else None
+    rows = panels_for(model, x, [p.name for p in images], class_names=classes)
+    with torch.no_grad():
+        probs = model(x).float().softmax(-1)
+    for p, row in zip(images, probs):
+        conf, k = row.max(0)
+        label = repr(classes[int(k)]) if classes and int(k) < len(classes) else f"class {int(k)}"
+        print(f"{p.name}: predicted {label} ({100 * float(conf):.1f}%)")
+    save_grid(rows, out, title=f"{name} + {method or 'dense'}" + (f" ({w.label})" if w else ""))
     print(f"wrote {out}")
     return 0

@@ -31,6 +31,13 @@ def scan_folder(root: Path) -> tuple:
                for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...) under {str(root)!r}")
+    used = {label for _, label in samples}
+    empty = [c for i, c in enumerate(classes) if i not in used]
+    if empty:
+        log.warning("class folder(s) %s in %s hold no images (%s, ...); they still count as classes (label ids "
+                    "follow the sorted folder names)", ", ".join(map(repr, empty[:5])) + (" ..." if len(empty) > 5
+                                                                                         else ""),
+                    root, ", ".join(IMAGE_EXTENSIONS[:3]))
     return classes, samples
 
 

@@ -101,6 +101,7 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
 
 class ToMeReducer(TokenReducer):
     name = "tome"
+    keep_rate_hint = "ToMe merges r tokens per block: change it with model.reducer.set_r(r)"
 
     def __init__(self, r: RSpec, depth: int, num_patches: int, prop_attn: bool = True):
         self.depth, self.num_patches, self.prop_attn = depth, num_patches, bool(prop_attn)

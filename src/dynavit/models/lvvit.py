@@ -10,6 +10,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ..layers import patch_grid
 from ..registry import register_model
 from .vit import ConvStem, VisionTransformer
 
@@ -21,7 +22,7 @@ class ConvStemEmbed(nn.Module):
                  stem_dim: int = 64):
         super().__init__()
         self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = patch_grid(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.conv1 = nn.Conv2d(in_chans, stem_dim, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_dim)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from ..layers import Block, PatchEmbed
+from ..layers import Block, PatchEmbed, patch_grid
 from ..reduction import TokenReducer
 from ..registry import register_model
 from ..tokens import TokenState
@@ -197,7 +197,7 @@ class ConvStem(nn.Module):
             raise ConfigError(f"ConvStem with {len(widths)} convolutions makes {4 * 2 ** (len(widths) - 1)}-pixel "
                               f"patches, got patch_size={patch_size}")
         self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = patch_grid(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         convs, prev = [], in_chans
         for j, w in enumerate(widths):

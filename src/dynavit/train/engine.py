@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import make_loader
 from ..data.transforms import AugmentConfig, TrainAugment
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from . import dist as D
 from .evaluate import autocast, evaluate, model_numbers, throughput
 from .optim import ModelEma, cosine_lr, keep_rate_at, param_groups
@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every_epoch: bool = True
     resume: bool = False
+    extend: bool = False  # with resume: continue a run to a new (larger) length, the schedules recomputed for it
     find_unused_parameters: bool = False
     tensorboard: bool = False
     stop_after_step: Optional[int] = None  # testing: exit abruptly right after this step's checkpoint
@@ -86,6 +87,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, criterion: nn.Module, train_set, val_set, cfg: TrainConfig,
                  info: Optional[D.DistInfo] = None, meta: Optional[dict] = None):
+        check_config(cfg)
         self.cfg, self.info = cfg, info or D.DistInfo()
         self.meta = meta or {}
         self.run_dir = Path(cfg.output)
@@ -118,11 +120,13 @@ class Trainer:
                                 f"{cfg.batch_size} x {self.info.world} processes x {cfg.accum_steps} accumulation; "
                                 f"lower --batch-size")
         spe = self.steps_per_epoch
-        self.total_steps = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * spe)))
+        self.total_steps = int(cfg.max_steps) if cfg.max_steps is not None else max(1, int(round(cfg.epochs * spe)))
         self.num_epochs = math.ceil(self.total_steps / spe)
         self.warmup_steps = int(round(cfg.warmup_epochs * spe))
         self.freeze_steps = int(round(cfg.freeze_backbone_epochs * spe))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.skipped_train = 0  # undecodable training images met (each time one is read)
+        self.empty_steps = 0  # optimiser steps skipped because every image of the batch was undecodable
         self.lock = None
         self.writer = None
 
@@ -146,10 +150,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _train_state(self) -> dict:
         rngs = D.gather_objects(self.info, rng_state())
+        counts = D.gather_objects(self.info, [self.skipped_train, self.empty_steps])  # per rank
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "world": self.info.world, "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else {}, "rng": rngs,
-                "total_steps": self.total_steps, "config": json.dumps(asdict(self.cfg), default=str)}
+                "total_steps": self.total_steps, "config": json.dumps(asdict(self.cfg), default=str),
+                "counts": counts}
 
     def save(self) -> None:
         state = self._train_state()  # collective: every rank takes part
@@ -165,9 +171,21 @@ class Trainer:
                 print(f"--resume: no checkpoint in {self.run_dir}, starting from step 0")
             return
         model_sd, ema_sd, state = load_run_checkpoint(path)
-        if state.get("total_steps") != self.total_steps:
-            raise TrainingError(f"cannot resume {str(path)!r}: it was a run of {state.get('total_steps')} steps, "
-                                f"this one has {self.total_steps} (keep --epochs / --max-steps / --batch-size)")
+        old_total = state.get("total_steps")
+        if old_total != self.total_steps:
+            finished = state["step"] >= (old_total or 0)
+            if not self.cfg.extend:
+                raise TrainingError(
+                    f"cannot resume {str(path)!r}: it was a run of {old_total} steps, this one has "
+                    f"{self.total_steps} (keep --epochs / --max-steps / --batch-size to continue it bit for bit"
+                    + (", or add --extend to train the finished run further with the schedule recomputed)"
+                       if finished else ", or add --extend to change its length, the schedule recomputed)"))
+            if self.total_steps <= state["step"]:
+                raise TrainingError(f"--extend: the run in {str(self.run_dir)!r} is already at step {state['step']}; "
+                                    f"give more than that (it has {self.total_steps} steps now)")
+            if self.info.main:
+                print(f"--extend: {old_total} -> {self.total_steps} steps; the lr and keep-rate schedules are "
+                      f"recomputed for the new length from step {state['step']} (as DeiT's main.py on resume)")
         self.model.load_state_dict(model_sd)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
@@ -175,6 +193,11 @@ class Trainer:
         if self.ema and ema_sd is not None:
             self.ema.load_state_dict(ema_sd)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        counts = state.get("counts") or [[0, 0]]
+        if state["world"] == self.info.world:
+            self.skipped_train, self.empty_steps = (int(c) for c in counts[self.info.rank])
+        elif self.info.main:  # another world size: rank 0 carries the totals
+            self.skipped_train, self.empty_steps = (int(sum(c[i] for c in counts)) for i in range(2))
         if state["world"] == self.info.world:
             set_rng_state(state["rng"][self.info.rank])
         elif self.info.main:
@@ -211,7 +234,17 @@ class Trainer:
         """One optimiser step over `accum_steps` micro-batches; returns (mean loss, grad norm, images, parts)."""
         keep = self._apply_schedules()
         loss_sum, images_seen, parts = torch.zeros((), device=self.device), 0, {}
+        self.skipped_train += sum(int(b[2]) for b in batches)
+        if not self.info.enabled:  # a micro-batch whose images were all undecodable has nothing to learn from
+            batches = [b for b in batches if b[1].numel() > 0]
+            if not batches:
+                return self._skip_step(keep)
         for j, (images, labels, _) in enumerate(batches):
+            if labels.numel() == 0:  # DDP: this rank still takes part in the gradient all-reduce, with zero loss
+                images, labels = self._stand_in_batch()
+                zero = True
+            else:
+                zero = False
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             x, target = self.augment(images, labels)
@@ -221,10 +254,12 @@ class Trainer:
                 with autocast(self.device, self.amp_dtype):
                     out = self.net(x, return_info=True) if self.needs_info else self.net(x)
                     loss = self.criterion(x, out, target)
+                if zero:
+                    loss = loss * 0.0
                 scaled = loss / len(batches)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float()
-            images_seen += labels.numel()
+            images_seen += 0 if zero else labels.numel()
             for k, v in getattr(self.criterion, "last_parts", {}).items():
                 parts[k] = parts.get(k, 0.0) + float(v) / len(batches)
         if self.scaler:
@@ -248,6 +283,20 @@ class Trainer:
             self.ema.update(self.model)
         self.step += 1
         return mean_loss, float(norm), images_seen, keep, parts
+
+    def _skip_step(self, keep) -> tuple:
+        """A step whose micro-batches were all undecodable: no update, the position and schedules move on."""
+        self.empty_steps += 1
+        if self.info.main:
+            print(f"warning: step {self.step + 1}: every image of the batch was undecodable; step skipped "
+                  f"(no update)")
+        self.step += 1
+        return float("nan"), 0.0, 0, keep, {}
+
+    def _stand_in_batch(self) -> tuple:
+        """One black image, label 0: what a rank with an empty micro-batch feeds DDP (its loss is multiplied by 0)."""
+        S = self.cfg.img_size
+        return torch.zeros(1, 3, S, S, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
 
     def _epoch_batches(self):
         """Groups of `accum_steps` micro-batches from the current position of the current epoch."""
@@ -342,8 +391,9 @@ class Trainer:
                     self._log({"type": "epoch", "step": self.step, "epoch": self.epoch, "train_loss": loss,
                                **{f"val_{k}": v for k, v in last_val.items()}})
                     if bar is not None:
-                        bar.write(f"epoch {self.epoch}: val top-1 {last_val['top1']:.2f} top-5 "
-                                  f"{last_val['top5']:.2f} loss {last_val['loss']:.3f}")
+                        top5 = f"{last_val['top5']:.2f}" if cfg.num_classes > 5 else "n/a"
+                    bar.write(f"epoch {self.epoch}: val top-1 {last_val['top1']:.2f} top-5 {top5} loss "
+                              f"{last_val['loss']:.3f}")
                 if epoch_done or (cfg.save_every and self.step % cfg.save_every == 0) or \
                         self.step == self.total_steps:
                     self.save()
@@ -365,25 +415,58 @@ class Trainer:
         if self.ema is not None and self.val_loader is not None:
             ema_model = _ema_copy(self.model, self.ema)
             ema_val = evaluate(ema_model, self.val_loader, self.device, cfg.img_size, self.amp_dtype, info)
+        skipped_train, empty_steps = (int(v) for v in D.all_sum(info, [self.skipped_train, self.empty_steps]))
         summary = None
         if info.main:
-            save_checkpoint(self.model, self.run_dir / "model.safetensors", metadata={"step": self.step})
+            meta = {"step": self.step}
+            if self.meta.get("classes"):
+                meta["classes"] = json.dumps(list(self.meta["classes"]))
+            save_checkpoint(self.model, self.run_dir / "model.safetensors", metadata=meta)
             if self.ema is not None:
                 save_checkpoint(self.ema.state_dict(), self.run_dir / "model_ema.safetensors")
             numbers = model_numbers(self.model, cfg.img_size)
             summary = {**self.meta, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
-                       "top1": last_val["top1"] if last_val else None, "top5": last_val["top5"] if last_val else None,
+                       "top1": last_val["top1"] if last_val else None,
+                       "top5": last_val["top5"] if last_val and cfg.num_classes > 5 else None,  # <= 5 classes: 100%
                        "val_loss": last_val["loss"] if last_val else None,
                        "ema_top1": ema_val["top1"] if ema_val else None, **numbers,
                        "img_per_s": throughput(self.model, self.device, cfg.img_size, amp_dtype=self.amp_dtype),
                        "train_img_per_s": train_rate, "seconds": seconds, "world_size": info.world,
                        "global_batch": cfg.batch_size * info.world * cfg.accum_steps,
-                       "skipped_images": last_val["skipped"] if last_val else 0}
+                       "skipped_images": skipped_train + (last_val["skipped"] if last_val else 0),
+                       "skipped_train_images": skipped_train,  # counted each time a bad image is read
+                       "skipped_val_images": last_val["skipped"] if last_val else 0,
+                       "skipped_steps": empty_steps}
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
             os.replace(tmp, self.run_dir / "summary.json")
         D.barrier(info)
         return summary
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Counts and rates a run cannot work with are ConfigErrors naming the value (not a silent default)."""
+    def bad(name, value, rule):
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+    if cfg.max_steps is not None and (not isinstance(cfg.max_steps, int) or cfg.max_steps < 1):
+        bad("max_steps (--max-steps)", cfg.max_steps, "an integer >= 1")
+    if cfg.max_steps is None and not (isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0
+                                      and math.isfinite(cfg.epochs)):
+        bad("epochs (--epochs)", cfg.epochs, "> 0")
+    for name, value in (("batch_size (--batch-size)", cfg.batch_size), ("accum_steps (--accum-steps)",
+                                                                         cfg.accum_steps)):
+        if not isinstance(value, int) or value < 1:
+            bad(name, value, "an integer >= 1")
+    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr)):
+        bad("lr (--lr)", cfg.lr, "> 0")
+    if cfg.min_lr < 0 or cfg.warmup_epochs < 0 or cfg.weight_decay < 0 or cfg.freeze_backbone_epochs < 0:
+        bad("min_lr / warmup_epochs / weight_decay / freeze_backbone_epochs",
+            (cfg.min_lr, cfg.warmup_epochs, cfg.weight_decay, cfg.freeze_backbone_epochs), ">= 0")
+    if not 0 <= cfg.ema_decay < 1:
+        bad("ema_decay (--ema-decay)", cfg.ema_decay, "in [0, 1)")
+    if cfg.workers is not None and cfg.workers < 0:
+        bad("workers (--workers)", cfg.workers, ">= 0")
 
 
 def _ema_copy(model: nn.Module, ema: ModelEma) -> nn.Module:
