@@ -3,9 +3,9 @@
 `src/dynavit/assets/demo_models.json` lists each asset: the registered model it loads into, its keyword
 arguments, what it was trained on, the exact `dynavit train` command that reproduces it and how long that
 took. A method asset (`demo_vit_dynamicvit_0.7`) holds only the method's parameters and names its `backbone`:
-`load_asset` of it loads both. `load_asset("demo_vit")` builds the model and loads the weights strictly; with `method=` the dense
-weights go into a token-reduced model (a method's own new parameters, e.g. DynamicViT's predictors, then come
-from `extra=` assets or stay freshly initialised).
+`load_asset` of it loads both. `load_asset("demo_vit")` builds the model and loads the weights strictly; with
+`method=` the dense weights go into a token-reduced model (a method's own new parameters, e.g. DynamicViT's
+predictors, then come from `extra=` assets or stay freshly initialised).
 """
 from __future__ import annotations
 

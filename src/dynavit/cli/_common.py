@@ -15,11 +15,13 @@ def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, m
         p.add_argument("--model", default=None, help="model name (see `dynavit models`; default: the one the "
                        "--checkpoint asset or run directory was made for)")
     p.add_argument("--method", default=None, help="token-reduction method (default: dense)")
-    p.add_argument("--keep-rate", type=number(float, ">0"), default=None, help="keep rate in (0, 1] (dynamicvit, evit, bat, ...)")
+    p.add_argument("--keep-rate", type=number(float, ">0"), default=None,
+                   help="keep rate in (0, 1] (dynamicvit, evit, bat, ...)")
     p.add_argument("--r", type=number(int, ">=0"), default=None, help="ToMe: tokens merged per block")
     p.add_argument("--budget", type=float, default=None, help="DiT: target fraction of the full routing cost")
     p.add_argument("--img-size", type=number(int, ">0"), default=None, help="input resolution (default: the model's)")
-    p.add_argument("--num-classes", type=number(int, ">0"), default=None, help="classifier outputs (default: the model's)")
+    p.add_argument("--num-classes", type=number(int, ">0"), default=None,
+                   help="classifier outputs (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model or method argument (repeatable), e.g. --set prune_locations=[2,5,8]")
 

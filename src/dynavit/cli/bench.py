@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import ConfigError
-from ._common import parse_value
+from ._common import number, parse_value
 
 _GUARD = "DYNAVIT_BENCH_REEXEC"
 
@@ -23,19 +23,19 @@ def add_parser(sub) -> None:
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="repeatable: dense, dynamicvit:0.7, evit:0.7, bat:0.7, topk:0.7, tome:13, dit:0.5 "
                         "(dense is added when missing)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=number(int, ">=1"), default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is warm-up)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=number(int, ">=1"), default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--train", action="store_true", help="time training steps (forward + backward) instead")
-    p.add_argument("--repeats", type=int, default=9, help="timed interleaved rounds (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="discarded rounds before timing")
-    p.add_argument("--b1-repeats", type=int, default=None,
+    p.add_argument("--repeats", type=number(int, ">=1"), default=9, help="timed interleaved rounds (median reported)")
+    p.add_argument("--warmup", type=number(int, ">=0"), default=2, help="discarded rounds before timing")
+    p.add_argument("--b1-repeats", type=number(int, ">=1"), default=None,
                    help="batch-1 latency rounds (default 21; 0 in --train mode; 0 = skip)")
     p.add_argument("--reducer-share", action="store_true",
                    help="also time each reducer's hooks alone and report their share of the model time")
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--img-size", type=number(int, ">=1"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra create_model argument for every model (repeatable)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")

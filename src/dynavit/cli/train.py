@@ -22,8 +22,10 @@ def add_parser(sub) -> None:
     g.add_argument("--max-steps", type=number(int, ">=1"), default=None, help="optimiser steps instead of epochs")
     p.add_argument("--recipe", default=None, help="dense | finetune | dynamicvit | evit | bat | tome | dit "
                    "(default: from --method)")
-    p.add_argument("--batch-size", type=number(int, ">=1"), default=64, help="images per process per micro-batch (default 64)")
-    p.add_argument("--accum-steps", type=number(int, ">=1"), default=1, help="gradient accumulation micro-batches per step")
+    p.add_argument("--batch-size", type=number(int, ">=1"), default=64,
+                   help="images per process per micro-batch (default 64)")
+    p.add_argument("--accum-steps", type=number(int, ">=1"), default=1,
+                   help="gradient accumulation micro-batches per step")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--extend", action="store_true", help="with --resume: train a finished (or interrupted) run to "
