@@ -182,6 +182,25 @@ def test_skipped_training_images_are_counted_and_all_bad_batches_skipped(tmp_pat
     assert out.count("every image of the batch was undecodable") == 3
 
 
+def test_ddp_rank_with_an_all_bad_batch_still_takes_part(tmp_path):
+    """Two gloo processes, batch 1 each: a rank whose image is undecodable feeds a zero-loss stand-in, so the
+    gradient all-reduce never waits on it; skipped images are summed over the ranks."""
+    import subprocess
+    import sys
+
+    from test_train import ENV
+
+    data = make_image_folder(tmp_path / "data", n_train=2, n_val=1)
+    for i in range(2):
+        (data / "train" / "b" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+           "-m", "dynavit", *train_args(data, tmp_path / "r", "--batch-size", "1", "--epochs", "1", "--aug", "none")]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["skipped_train_images"] == 2
+
+
 # ------------------------------------------------------------------------------------- one line for every bad argument
 BAD_ARGS = [  # (argv after the command, text the one line must contain)
     (["train", "--batch-size", "-4"], "--batch-size: must be >= 1"),
