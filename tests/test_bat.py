@@ -347,3 +347,31 @@ def test_bat_model_equals_old_matching(B, kw, monkeypatch):
         for plan, ref_plan in zip(info.extra["bat"], ref_info.extra["bat"]):
             assert torch.equal(plan.pairs, ref_plan.pairs) and torch.equal(plan.group, ref_plan.group)
         assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", ["random", *tie_sets()])
+def test_greedy_pairs_early_exit_equals_static_rounds(name):
+    """The eager-CPU early exit (default on CPU) returns exactly what the p static rounds return."""
+    z = tie_sets()[name] if name != "random" else torch.randn(4, 40, 8, generator=torch.Generator().manual_seed(1))
+    assert _cluster.may_sync(z)
+    for p in range(1, z.shape[1] // 2 + 1):
+        static = _cluster.greedy_pairs(z, p, early_exit=False)
+        assert torch.equal(_cluster.greedy_pairs(z, p, early_exit=True), static), (name, p)
+        assert torch.equal(_cluster.greedy_pairs(z, p), static), (name, p)
+
+
+def test_greedy_pairs_early_exit_stops_early(monkeypatch):
+    """The early exit really cuts rounds: random tokens need far fewer than p rounds (counted via amax calls)."""
+    z = torch.randn(1, 60, 16, generator=torch.Generator().manual_seed(2))
+    calls = {"n": 0}
+    real = torch.Tensor.amax
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "amax", counting)
+    _cluster.greedy_pairs(z, 20, early_exit=False)
+    static_calls, calls["n"] = calls["n"], 0
+    _cluster.greedy_pairs(z, 20)
+    assert calls["n"] < static_calls / 2

@@ -101,3 +101,69 @@ def test_r_too_large_fails_loudly():
     model.reducer.set_r(0)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224), return_info=True)[1].token_counts == []
+
+
+# ------------------------------------------------------------------ the lean ToMe path == the generic one
+def old_bipartite_group(keys, r, P):
+    """bipartite_plan's group map as it was written before (indexed copies, index_put), the reference."""
+    from dynavit.methods._cluster import argsort_desc
+
+    B, L, _ = keys.shape
+    T = L - P
+    metric = keys[:, P:].float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a_idx, b_idx = torch.arange(P % 2, T, 2), torch.arange((P + 1) % 2, T, 2)
+    node_max, node_idx = (metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)).max(dim=-1)
+    order = argsort_desc(node_max)
+    src, unm = order[:, :r], order[:, r:].sort(dim=-1).values
+    n_unm = unm.shape[1]
+    slot_a = torch.empty_like(order)
+    slot_a.scatter_(1, unm, torch.arange(n_unm).expand(B, n_unm))
+    slot_a.scatter_(1, src, n_unm + torch.gather(node_idx, 1, src))
+    group = torch.empty(B, T, dtype=torch.long)
+    group[:, a_idx] = slot_a
+    group[:, b_idx] = n_unm + torch.arange(b_idx.numel())
+    return group, n_unm + b_idx.numel()
+
+
+@pytest.mark.parametrize("B,L,P", [(1, 197, 1), (3, 50, 1), (2, 51, 2), (4, 12, 1)])
+def test_bipartite_plan_equals_indexed_reference(B, L, P):
+    keys = torch.randn(B, L, 16, generator=torch.Generator().manual_seed(L))
+    for r in (1, (L - P) // 4, (L - P) // 2):
+        plan = bipartite_plan(keys, r, num_prefix=P)
+        group, G = old_bipartite_group(keys, r, P)
+        assert torch.equal(plan.group, group) and plan.num_groups == G
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("B,P,with_sizes", [(1, 1, False), (3, 1, True), (2, 2, True)])
+def test_merge_by_size_equals_merge_tokens(dtype, grad, B, P, with_sizes):
+    """ToMe's merge_by_size is bit for bit merge_tokens(..., patch_sizes, normalize=True), values and gradients."""
+    from dynavit.methods.tome import merge_by_size
+    from dynavit.tokens import TokenState, merge_tokens
+
+    g = torch.Generator().manual_seed(B + P)
+    T, C = 40, 12
+    keys = torch.randn(B, P + T, 8, generator=g)
+    plan = bipartite_plan(keys, 9, num_prefix=P)
+
+    def state():
+        x = torch.randn(B, P + T, C, generator=torch.Generator().manual_seed(7)).to(dtype).requires_grad_(grad)
+        st = TokenState.from_tokens(x, P)
+        if with_sizes:
+            st.sizes = torch.randint(1, 5, (B, P + T, 1), generator=torch.Generator().manual_seed(8)).float()
+            st.patch_to_token = torch.randint(0, T, (B, 3 * T), generator=torch.Generator().manual_seed(9))
+        return st, x
+
+    with torch.set_grad_enabled(grad):
+        (s1, x1), (s2, x2) = state(), state()
+        ref = merge_tokens(s1, plan.group, s1.patch_sizes(), plan.num_groups, normalize=True)
+        got = merge_by_size(s2, plan.group, plan.num_groups)
+    assert torch.equal(got.x, ref.x) and got.x.dtype == dtype
+    assert torch.equal(got.sizes, ref.sizes) and torch.equal(got.patch_to_token, ref.patch_to_token)
+    if grad:
+        w = torch.randn(ref.x.shape, generator=g).to(dtype)
+        (ref.x * w).sum().backward()
+        (got.x * w).sum().backward()
+        assert torch.equal(x1.grad, x2.grad)

@@ -136,9 +136,11 @@ def merge_tokens(state: TokenState, group: Tensor, weight: Tensor, num_groups: i
 def class_attention(q_cls: Tensor, k: Tensor, scale: float, attn_bias: Optional[Tensor] = None) -> Tensor:
     """Head-averaged softmax row of the class query over all keys: q_cls (B, H, 1, d), k (B, H, T, d) -> (B, T).
 
-    O(T d) per head, computed beside fused attention instead of materialising the (T, T) matrix.
+    O(T d) per head, computed beside fused attention instead of materialising the (T, T) matrix. Computed in
+    float32 at least (float64 stays float64).
     """
-    logits = (q_cls.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, 1, T)
+    dt = torch.promote_types(q_cls.dtype, torch.float32)
+    logits = (q_cls.to(dt) @ k.to(dt).transpose(-2, -1)) * scale  # (B, H, 1, T)
     if attn_bias is not None:
-        logits = logits + attn_bias[..., :1, :].float()
+        logits = logits + attn_bias[..., :1, :].to(dt)
     return logits.softmax(dim=-1).mean(dim=1)[:, 0].to(q_cls.dtype)

@@ -9,8 +9,9 @@ images: every function takes (B, M, C) features with the same M per image and re
 - `pool_groups`: contiguous chunks of a sequence (the pooling ablation).
 - `greedy_pairs`: the most cosine-similar disjoint pairs, best first (BAT's attentive-token matching).
 
-Shapes and control flow depend only on the sizes, never on the values (no `.item()`, no early exits), so BAT
-exports to ONNX and compiles with `torch.compile(fullgraph=True)`; the two ops ONNX lacks (cdist, stable sort)
+Shapes and control flow depend only on the sizes, never on the values (no `.item()`; the one early exit, in
+`greedy_pairs`, is taken in eager CPU runs only and changes no result), so BAT exports to ONNX and compiles with
+`torch.compile(fullgraph=True)`; the two ops ONNX lacks (cdist, stable sort)
 are recorded in an equivalent form during an ONNX export only (`onnx_exporting`).
 
 Distances are Euclidean divided by sqrt(C), computed in float32; ties in density are broken by position
@@ -179,7 +180,14 @@ def pool_groups(batch: int, length: int, n: int, device=None) -> Tensor:
     return (torch.arange(length, device=device) * n // length).expand(batch, length)
 
 
-def greedy_pairs(z: Tensor, p: int) -> Tensor:
+def may_sync(t: Tensor) -> bool:
+    """Whether a data-dependent Python branch on `t` is free here: eager CPU (reading a CPU tensor is no device
+    sync), not while compiling, tracing or exporting (where control flow must not depend on values)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not onnx_exporting())
+
+
+def greedy_pairs(z: Tensor, p: int, early_exit: Optional[bool] = None) -> Tensor:
     """The p most cosine-similar disjoint pairs of z (B, K, C), as greedy matching picks them -> (B, p, 2).
 
     Greedy matching (repeatedly take the most similar remaining pair, remove both tokens) is computed in
@@ -190,6 +198,9 @@ def greedy_pairs(z: Tensor, p: int) -> Tensor:
     nothing (a batch-wide `done` flag instead of a Python `break`). Shapes and control flow are static, so the
     function exports to ONNX and compiles with `torch.compile(fullgraph=True)`. Pairs come best first, the
     smaller position first within a pair; p <= K // 2.
+
+    early_exit: stop at the round where `done` turns true in every image (the result is the same: later rounds
+    accept nothing). None = where that test is free (`may_sync`: eager CPU); typically 3-5 rounds instead of p.
     """
     B, K, _ = z.shape
     dev = z.device
@@ -209,6 +220,7 @@ def greedy_pairs(z: Tensor, p: int) -> Tensor:
     partner = torch.full((B, K), -1, dtype=torch.long, device=dev)
     edge = torch.full((B, K), neg_inf, device=dev)  # weight of accepted pair (i, partner_i), at i < partner
     done = torch.zeros((), dtype=torch.bool, device=dev)
+    early_exit = may_sync(z) if early_exit is None else bool(early_exit)
     for r in range(p):
         best = sim.amax(dim=-1, keepdim=True)  # (B, K, 1)
         # sign(sim - best) is 0 at the row maximum, -1 elsewhere: key K - j there, K - j - 2K < 0 elsewhere
@@ -218,6 +230,8 @@ def greedy_pairs(z: Tensor, p: int) -> Tensor:
         best = best.squeeze(-1).masked_fill(partner >= 0, neg_inf)  # matched rows (sim masks columns only)
         # the p-th best accepted pair beats all that is left (counted: cheaper than a top-p per round)
         done = done | ((edge >= best.amax(dim=-1, keepdim=True)).sum(dim=1) >= p).all()
+        if early_exit and bool(done):
+            break  # nothing below would change: mutual is all False from here on
         mutual = (torch.gather(nearest, 1, nearest) == pos) & (best > neg_inf) & ~done
         partner = torch.where(mutual, nearest, partner)
         edge = torch.where(mutual & (pos < nearest), best, edge)

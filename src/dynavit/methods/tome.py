@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..reduction import TokenReducer
 from ..registry import register_method
-from ..tokens import TokenState, merge_tokens
+from ..tokens import TokenState, remap_patches
 from ._cluster import argsort_desc
 
 RSpec = Union[int, Sequence[int], tuple]
@@ -83,20 +83,49 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     dev = keys.device
     metric = keys[:, P:].float()
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    # token t sits at position P + t: even positions start at t = P % 2 (strided aranges keep shapes static)
-    a_idx, b_idx = torch.arange(P % 2, T, 2, device=dev), torch.arange((P + 1) % 2, T, 2, device=dev)
-    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
+    # token t sits at position P + t: even positions start at t = P % 2 (strided slices: views, static shapes)
+    a0, b0 = P % 2, (P + 1) % 2
+    scores = metric[:, a0::2] @ metric[:, b0::2].transpose(1, 2)  # (B, Na, Nb)
     node_max, node_idx = scores.max(dim=-1)  # (B, Na)
     order = argsort_desc(node_max)  # (B, Na), stable: ties keep the earlier token first
     src, unm = order[:, :r], order[:, r:].sort(dim=-1).values  # A positions
-    n_unm, n_b = unm.shape[1], b_idx.numel()
-    slot_a = torch.empty_like(order)  # (B, Na): output slot of each A token
+    n_unm, n_b = unm.shape[1], scores.shape[2]
+    group = torch.empty(B, T, dtype=torch.long, device=dev)
+    slot_a = group[:, a0::2]  # (B, Na) view: output slot of each A token, written in place
     slot_a.scatter_(1, unm, torch.arange(n_unm, device=dev).expand(B, n_unm))
     slot_a.scatter_(1, src, n_unm + torch.gather(node_idx, 1, src))
-    group = torch.empty(B, T, dtype=torch.long, device=dev)
-    group[:, a_idx] = slot_a
-    group[:, b_idx] = n_unm + torch.arange(n_b, device=dev)
+    group[:, b0::2] = torch.arange(n_unm, n_unm + n_b, device=dev)
     return MatchPlan(group, n_unm + n_b)
+
+
+def merge_by_size(state: TokenState, group: Tensor, num_groups: int) -> TokenState:
+    """`merge_tokens(state, group, state.patch_sizes(), num_groups, normalize=True)` for a group map that drops
+    no token (ToMe's), in fewer operations: no spill slot, one scatter for the group totals (they are the new
+    sizes), and in inference the means are written straight into the output tensor (no concatenation).
+    The same sums in the same order, so the result is bit for bit merge_tokens'.
+    """
+    P, x = state.num_prefix, state.x
+    B, T, C, G = x.shape[0], state.num_tokens, x.shape[2], num_groups
+    sizes = state.patch_sizes()  # (B, T) float32
+    w = sizes.to(x.dtype)
+    flat = (group + torch.arange(B, device=x.device).unsqueeze(1) * G).reshape(-1)
+    summed = x.new_zeros(B * G, C).index_add(0, flat, (x[:, P:] * w.unsqueeze(-1)).reshape(B * T, C))
+    new_sizes = sizes.new_zeros(B, G).scatter_add_(1, group, sizes)  # (B, G)
+    total = new_sizes if w.dtype == sizes.dtype else x.new_zeros(B, G).scatter_add_(1, group, w)
+    denom = total.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
+    if torch.is_grad_enabled() and (x.requires_grad or denom.requires_grad):
+        state.x = torch.cat([x[:, :P], summed.view(B, G, C) / denom], dim=1)
+    else:  # out= has no autograd
+        out = x.new_empty(B, P + G, C)
+        out[:, :P] = x[:, :P]
+        torch.div(summed.view(B, G, C), denom, out=out[:, P:])
+        state.x = out
+    prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
+    state.sizes = torch.cat([prefix_sizes, new_sizes.unsqueeze(-1)], dim=1)
+    if state.policy is not None:
+        state.policy = state.policy.new_ones(B, P + G)
+    state.patch_to_token = remap_patches(state.patch_to_token, group)
+    return state
 
 
 class ToMeReducer(TokenReducer):
@@ -125,7 +154,7 @@ class ToMeReducer(TokenReducer):
         if r <= 0:
             return state
         plan = bipartite_plan(keys, r, state.num_prefix)
-        state = merge_tokens(state, plan.group, state.patch_sizes(), plan.num_groups, normalize=True)
+        state = merge_by_size(state, plan.group, plan.num_groups)  # = merge_tokens(..., sizes, normalize=True)
         state.record_stage()
         return state
 
