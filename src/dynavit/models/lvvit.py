@@ -82,12 +82,19 @@ def lvvit_m(**kwargs) -> LVViT:
     return LVViT(**{**dict(embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0), **kwargs})
 
 
+# The demo backbone's stem (v3 task): 112 px, 8-pixel patches (196 tokens), one dilated grid convolution
+DEMO_STEM = dict(img_size=112, patch_size=8, widths=(16, 32, 64), grid_convs=1)
+
+
 @register_model
 def demo_vit(**kwargs) -> LVViT:
-    """The demo backbone, shipped pretrained on the `demo` digits (`dynavit.assets`): the papers' geometry
-    (224 px, 196 patch tokens, 12 blocks, DeiT blocks with qkv bias) at width 64 with 2 heads, a small
-    convolutional stem (`ConvStem`) and LV-ViT's per-token aux head (max over tokens, x 0.5); 0.68 M params."""
+    """The demo backbone, shipped pretrained on the `demo` digits (`dynavit.assets`): the papers' token geometry
+    (196 patch tokens, 12 blocks, DeiT blocks with qkv bias) at 112 px with 8-pixel patches, width 64 with 2
+    heads, a small convolutional stem (`ConvStem`, `DEMO_STEM`) and LV-ViT's per-token aux head (max over
+    tokens, x 0.5); 0.69 M params."""
     arch = {**dict(embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0, qkv_bias=True, norm_eps=1e-6,
-                   residual_scale=1.0, num_classes=10), **kwargs}
-    stem = ConvStem(arch.get("img_size", 224), arch.get("patch_size", 16), arch.get("in_chans", 3), arch["embed_dim"])
+                   residual_scale=1.0, num_classes=10, img_size=DEMO_STEM["img_size"],
+                   patch_size=DEMO_STEM["patch_size"]), **kwargs}
+    stem = ConvStem(arch["img_size"], arch["patch_size"], arch.get("in_chans", 3), arch["embed_dim"],
+                    widths=DEMO_STEM["widths"], grid_convs=DEMO_STEM["grid_convs"])
     return LVViT(**arch, stem=stem)
