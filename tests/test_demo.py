@@ -194,3 +194,19 @@ def test_demo_quick_smoke(tmp_path):
     assert len(res["claims"]) == len(CLAIM_NAMES)
     for png in ("tradeoff.png", "tokens.png", "diversity.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_runs_twice_in_one_folder(tmp_path, capsys):
+    """A rerun just works: the live DynamicViT fine-tune of the previous run is replaced, and it says so."""
+    from dynavit.cli import main
+
+    argv = ["demo", "--keep-rates", "0.7", "--dynamicvit-steps", "1", "--val-images", "20", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["config"]["dynamicvit_steps"] == 1
+    assert next(r for r in first["rows"] if r["method"] == "dynamicvit")["trained"] == "live"
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "replacing the previous demo's run" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "dynamicvit_0.7" / "model.safetensors").exists()
