@@ -2,9 +2,9 @@
 
     python benchmarks/ship_demo_assets.py RUNS_ROOT
 
-RUNS_ROOT holds one `dynavit train` run directory per asset (demo_cnn, demo_vit, demo_vit_dynamicvit_0.7,
-demo_vit_dynamicvit_0.5, demo_dit), made by the commands in ASSETS below with {root} = RUNS_ROOT (the same
-commands `dynavit demo --from-scratch` runs). Method-only assets keep just the method's own parameters.
+RUNS_ROOT holds one `dynavit train` run directory per asset (demo_cnn, demo_vit, demo_vit_<method>_<keep>,
+demo_pvt, demo_dit), made by the commands in ASSETS below with {root} = RUNS_ROOT (the same commands
+`dynavit demo --from-scratch` runs). Weights are stored in float16 (half the size; loading casts them back).
 """
 from __future__ import annotations
 
@@ -15,54 +15,77 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 COMMON = ["--data", "demo", "--aug", "none", "--workers", "1", "--weight-decay", "0.05"]
+VAL = "2000"
+VIT_IMAGES, METHOD_IMAGES = 32000, 9600
+
+
+def _init(name: str) -> list:
+    return ["--init", f"{{root}}/{name}/model.safetensors"]
+
 
 ASSETS = {
     "demo_cnn": dict(
         model="demo_cnn", kwargs={}, description="demo_vit's stem + norm + aux head, max over tokens",
-        command=["train", "--model", "demo_cnn", *COMMON, "--demo-size", "64000", "1000", "--epochs", "1",
-                 "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs", "0.01", "--output", "{root}/demo_cnn"]),
+        command=["train", "--model", "demo_cnn", *COMMON, "--demo-size", "320000", VAL, "--epochs", "1",
+                 "--batch-size", "64", "--lr", "3.2e-2", "--warmup-epochs", "0.01", "--output", "{root}/demo_cnn"]),
     "demo_vit": dict(
         model="demo_vit", kwargs={}, needs=["demo_cnn"],
-        description="dense ViT, 12 blocks, width 64, 196 tokens, conv stem, LV-ViT aux head",
-        command=["train", "--model", "demo_vit", "--init", "{root}/demo_cnn/model.safetensors", "--allow-partial",
-                 *COMMON,
-                 "--demo-size", "32000", "1000", "--epochs", "1", "--batch-size", "32", "--lr", "8e-3",
-                 "--warmup-epochs", "0.02", "--clip-grad", "1.0", "--output", "{root}/demo_vit"]),
+        description="dense ViT, 12 blocks, width 64, 196 tokens at 112 px, conv stem, LV-ViT aux head",
+        command=["train", "--model", "demo_vit", *_init("demo_cnn"), "--allow-partial", *COMMON, "--demo-size", str(VIT_IMAGES), VAL,
+                 "--epochs", "1", "--batch-size", "32", "--lr", "4e-3", "--warmup-epochs", "0.02", "--clip-grad", "1.0",
+                 "--output", "{root}/demo_vit"]),
     "demo_dit": dict(
         model="dit_tiny", kwargs={"img_size": 64, "budget": 0.5, "global_pool": "max"},
         description="DiT (PVTv2-tiny routing space, max-pool head) at 64 px, budget 0.5",
         command=["train", "--model", "dit_tiny", "--budget", "0.5", "--img-size", "64", "--set", "global_pool=max",
-                 *COMMON, "--demo-size", "25600", "1000", "--epochs", "1", "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs",
-                 "0.02", "--clip-grad", "1.0", "--output", "{root}/demo_dit"]),
+                 *COMMON, "--demo-size", "25600", "1000", "--epochs", "1", "--batch-size", "32", "--lr", "3.2e-2",
+                 "--warmup-epochs", "0.02", "--clip-grad", "1.0", "--output", "{root}/demo_dit"]),
 }
+# every method fine-tuned from demo_vit by its own recipe (`--recipe` from `--method`), with learning rates for a
+# short run: DynamicViT 3.2e-2 x 32 / 1024 = 1e-3 (backbone x 0.01), EViT / BAT / ToMe 1.6e-3 x 32 / 512 = 1e-4
+TOME_R = {0.7: 11, 0.5: 15}  # the r whose GMACs match EViT's at that keep rate (demo.tome_r_matching)
+# the last two runs had a crowded machine (7 img/s): shortened to 100 steps
+SHORT = {"demo_vit_bat_0.7": 3200, "demo_vit_tome_0.5": 3200}
 for _keep in (0.7, 0.5):
     ASSETS[f"demo_vit_dynamicvit_{_keep:g}"] = dict(
-        model="demo_vit", method="dynamicvit", method_kwargs={"keep_rate": _keep}, partial=True,
-        needs=["demo_vit"], backbone="demo_vit", keys="score_predictor.",
-        description=f"DynamicViT predictors for demo_vit at keep rate {_keep:g} (150 steps, recipe 'dynamicvit')",
-        command=["train", "--model", "demo_vit", "--method", "dynamicvit", "--keep-rate", f"{_keep:g}", "--init",
-                 "{root}/demo_vit/model.safetensors", *COMMON, "--no-eval", "--demo-size", "4800", "1",
-                 "--epochs", "1", "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs", "0",
-                 "--freeze-backbone-epochs", "0.1667", "--ema-decay", "0", "--output", f"{{root}}/demo_vit_dynamicvit_{_keep:g}"])
+        model="demo_vit", method="dynamicvit", method_kwargs={"keep_rate": _keep}, keep_rate=_keep,
+        needs=["demo_vit"], description=f"DynamicViT on demo_vit at keep rate {_keep:g} (recipe 'dynamicvit')",
+        command=["train", "--model", "demo_vit", "--method", "dynamicvit", "--keep-rate", f"{_keep:g}",
+                 *_init("demo_vit"), *COMMON, "--demo-size", str(METHOD_IMAGES), VAL, "--epochs", "1",
+                 "--batch-size", "32", "--lr", "3.2e-2", "--warmup-epochs", "0", "--freeze-backbone-epochs", "0.1667",
+                 "--ema-decay", "0", "--output", f"{{root}}/demo_vit_dynamicvit_{_keep:g}"])
+    for _method in ("evit", "bat", "tome"):
+        arg = ["--r", str(TOME_R[_keep])] if _method == "tome" else ["--keep-rate", f"{_keep:g}"]
+        kw = {"r": TOME_R[_keep]} if _method == "tome" else {"keep_rate": _keep}
+        ASSETS[f"demo_vit_{_method}_{_keep:g}"] = dict(
+            model="demo_vit", method=_method, method_kwargs=kw, keep_rate=_keep, needs=["demo_vit"],
+            description=f"{_method} on demo_vit at " + (f"r={TOME_R[_keep]} (EViT {_keep:g}'s GMACs)"
+                                                        if _method == "tome" else f"keep rate {_keep:g}")
+            + f" (recipe '{_method}')",
+            command=["train", "--model", "demo_vit", "--method", _method, *arg, *_init("demo_vit"), *COMMON,
+                     "--demo-size", str(SHORT.get(f"demo_vit_{_method}_{_keep:g}", METHOD_IMAGES)), VAL, "--epochs", "1", "--batch-size", "32", "--lr", "1.6e-3",
+                     "--min-lr", "1.6e-4", "--warmup-epochs", "0", "--ema-decay", "0",
+                     "--output", f"{{root}}/demo_vit_{_method}_{_keep:g}"])
 
 
 def main(root: Path) -> None:
     out_dir = Path(__file__).resolve().parents[1] / "src" / "dynavit" / "assets"
     out_dir.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out_dir / "demo_models.json").read_text()) if (out_dir / "demo_models.json").exists() else {}
     manifest = {}
     for name, spec in ASSETS.items():
         run = root / name
         if not (run / "model.safetensors").exists():
-            print(f"skip {name}: no {run / 'model.safetensors'}")
+            if name in old:  # not retrained this time: the shipped file and its entry stay
+                manifest[name] = old[name]
+            print(f"skip {name}: no {run / 'model.safetensors'}" + (" (kept the shipped one)" if name in old else ""))
             continue
         sd = load_file(str(run / "model.safetensors"))
-        if spec.get("keys"):
-            sd = {k: v for k, v in sd.items() if k.startswith(spec["keys"])}
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / f"{name}.safetensors"))
+        sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+        save_file(sd, str(out_dir / f"{name}.safetensors"))
         summary = json.loads((run / "summary.json").read_text())
-        entry = {k: v for k, v in spec.items() if k != "keys"}
-        entry.update(classes=[str(c) for c in range(10)], file=f"{name}.safetensors", top1=summary.get("top1"),
-                     seconds=round(summary["seconds"]),
+        entry = dict(spec)
+        entry.update(file=f"{name}.safetensors", top1=summary.get("top1"), seconds=round(summary["seconds"]),
                      steps=summary["steps"], images=summary["steps"] * summary["global_batch"],
                      trained_on="2-core CPU (AMD EPYC), torch 2.13.0, shared with other jobs")
         manifest[name] = entry

@@ -1,10 +1,10 @@
 """Weights that ship inside the package: the demo's pretrained models (a few MB, safetensors).
 
 `src/dynavit/assets/demo_models.json` lists each asset: the registered model it loads into, its keyword
-arguments, what it was trained on, the exact `dynavit train` command that reproduces it and how long that
-took. A method asset (`demo_vit_dynamicvit_0.7`) holds only the method's parameters and names its `backbone`:
-`load_asset` of it loads both. `load_asset("demo_vit")` builds the model and loads the weights strictly; with
-`method=` the dense weights go into a token-reduced model (a method's own new parameters, e.g. DynamicViT's
+arguments (and, for a fine-tuned method, the method and its arguments), what it was trained on, the exact
+`dynavit train` command that reproduces it and how long that took. `load_asset("demo_vit")` builds the model
+and loads the weights strictly, as does `load_asset("demo_vit_evit_0.7")` (a whole fine-tuned EViT model);
+with `method=` the dense weights go into a token-reduced model (a method's own new parameters, e.g. DynamicViT's
 predictors, then come from `extra=` assets or stay freshly initialised).
 """
 from __future__ import annotations
@@ -61,8 +61,10 @@ def load_asset(name: str, method: Optional[str] = None, extra: Sequence[str] = (
         backbone = entry.get("backbone") or entry["needs"][-1]
         return load_asset(backbone, method=entry["method"], extra=[name, *extra], root=root,
                           **{**entry.get("method_kwargs", {}), **kwargs})
+    if method is None and entry.get("method"):  # a whole fine-tuned method model
+        method, kwargs = entry["method"], {**entry.get("method_kwargs", {}), **kwargs}
     model = create_model(entry["model"], method=method, **{**entry.get("kwargs", {}), **kwargs})
-    report = load_checkpoint(model, path, strict=method is None and not extra)
+    report = load_checkpoint(model, path, strict=(method is None or method == entry.get("method")) and not extra)
     if report.unexpected or report.mismatched:
         raise CheckpointError(f"asset {name!r} does not fit {entry['model']} + {method}: unexpected "
                               f"{report.unexpected[:5]}, mismatched {report.mismatched[:5]}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import register_model
+from .lvvit import DEMO_STEM
 from .vit import ConvStem
 
 
@@ -21,11 +22,12 @@ class StemClassifier(nn.Module):
 
     family = "cnn"
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 10,
-                 embed_dim: int = 64):
+    def __init__(self, img_size: int = DEMO_STEM["img_size"], patch_size: int = DEMO_STEM["patch_size"],
+                 in_chans: int = 3, num_classes: int = 10, embed_dim: int = 64):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
-        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, widths=DEMO_STEM["widths"],
+                                    grid_convs=DEMO_STEM["grid_convs"])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.aux_head = nn.Linear(embed_dim, num_classes)
 

@@ -46,7 +46,8 @@ class LVViT(VisionTransformer):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 16, num_heads: int = 6, mlp_ratio: float = 3.0,
                  qkv_bias: bool = False, norm_eps: float = 1e-5, residual_scale: float = 0.5,
-                 drop_path_rate: float = 0.0, aux_weight: float = 0.5, stem: Optional[nn.Module] = None):
+                 drop_path_rate: float = 0.0, aux_weight: float = 0.5, stem: Optional[nn.Module] = None,
+                 train_cls_head: bool = False):
         stem = stem or ConvStemEmbed(img_size, patch_size, in_chans, embed_dim)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -54,15 +55,27 @@ class LVViT(VisionTransformer):
                          drop_path_rate=drop_path_rate, patch_embed=stem)
         self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_weight = aux_weight
+        # dense training: also return the class head alone, so the loss trains it (see forward_head)
+        self.train_cls_head = train_cls_head
         if num_classes > 0:
             nn.init.trunc_normal_(self.aux_head.weight, std=0.02)
             nn.init.zeros_(self.aux_head.bias)
 
-    def forward_head(self, tokens: Tensor) -> Tensor:
-        """head(x_cls) + aux_weight * max over patch tokens of aux_head(x_patch)."""
+    def forward_head(self, tokens: Tensor):
+        """head(x_cls) + aux_weight * max over patch tokens of aux_head(x_patch).
+
+        With `train_cls_head`, a dense model in training returns (head(x_cls), that sum): the classification
+        criterion averages the two cross-entropies, so the class head is trained for itself, as LV-ViT's
+        token-labeling training does (its aux head gets token labels; without them, the max over tokens).
+        Without it, a strong aux path (e.g. a CNN-pretrained stem) leaves the class head at chance, and the
+        class attention that EViT / BAT read and DynamicViT's class-head loss mean nothing.
+        """
         cls_logits = self.head(tokens[:, 0])
         aux_logits = self.aux_head(tokens[:, self.num_prefix_tokens:])  # (B, T, classes)
-        return cls_logits + self.aux_weight * aux_logits.max(dim=1)[0]
+        logits = cls_logits + self.aux_weight * aux_logits.max(dim=1)[0]
+        if self.training and self.train_cls_head and self.reducer is None:
+            return cls_logits, logits
+        return logits
 
 
 @register_model
@@ -83,12 +96,19 @@ def lvvit_m(**kwargs) -> LVViT:
     return LVViT(**{**dict(embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0), **kwargs})
 
 
+# The demo backbone's stem (v3 task): 112 px, 8-pixel patches (196 tokens), one dilated grid convolution
+DEMO_STEM = dict(img_size=112, patch_size=8, widths=(16, 32, 64), grid_convs=1)
+
+
 @register_model
 def demo_vit(**kwargs) -> LVViT:
-    """The demo backbone, shipped pretrained on the `demo` digits (`dynavit.assets`): the papers' geometry
-    (224 px, 196 patch tokens, 12 blocks, DeiT blocks with qkv bias) at width 64 with 2 heads, a small
-    convolutional stem (`ConvStem`) and LV-ViT's per-token aux head (max over tokens, x 0.5); 0.68 M params."""
+    """The demo backbone, shipped pretrained on the `demo` digits (`dynavit.assets`): the papers' token geometry
+    (196 patch tokens, 12 blocks, DeiT blocks with qkv bias) at 112 px with 8-pixel patches, width 64 with 2
+    heads, a small convolutional stem (`ConvStem`, `DEMO_STEM`) and LV-ViT's per-token aux head (max over
+    tokens, x 0.5); 0.69 M params. Dense training also trains the class head alone (`train_cls_head`)."""
     arch = {**dict(embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0, qkv_bias=True, norm_eps=1e-6,
-                   residual_scale=1.0, num_classes=10), **kwargs}
-    stem = ConvStem(arch.get("img_size", 224), arch.get("patch_size", 16), arch.get("in_chans", 3), arch["embed_dim"])
+                   residual_scale=1.0, num_classes=10, train_cls_head=True, img_size=DEMO_STEM["img_size"],
+                   patch_size=DEMO_STEM["patch_size"]), **kwargs}
+    stem = ConvStem(arch["img_size"], arch["patch_size"], arch.get("in_chans", 3), arch["embed_dim"],
+                    widths=DEMO_STEM["widths"], grid_convs=DEMO_STEM["grid_convs"])
     return LVViT(**arch, stem=stem)
