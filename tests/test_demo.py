@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def val_batch():
-    ds = DemoDataset("val", n=200)
+    ds = DemoDataset("val", n=200, size=112)
     items = [ds[i] for i in range(len(ds))]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
