@@ -174,6 +174,22 @@ def test_inference_subset_equals_masked_training_forward():
     torch.testing.assert_close(info.extra["gmacs"], train_info.extra["gmacs"])
 
 
+def test_dense_above_runs_crowded_nodes_on_the_whole_map():
+    """The cost model changes what is executed, not the result nor the routing's per-image GMACs."""
+    _, dit = twins()
+    randomise_gates(dit)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref, info = dit(x, return_info=True)
+        dit.dense_above = 0.0
+        out, dense_info = dit(x, return_info=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense_info.extra["gmacs"], info.extra["gmacs"])
+    assert dense_info.extra["executed_gmacs"] > info.extra["executed_gmacs"]
+    with pytest.raises(ConfigError, match="dense_above"):
+        dynavit.create_model("dit_tiny", dense_above=2)
+
+
 def test_info_gmacs_match_flop_counter():
     """Per-image GMACs in info == FlopCounterMode on that image's gathered forward; executed_gmacs == the batch's."""
     _, dit = twins()

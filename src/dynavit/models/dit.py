@@ -182,15 +182,21 @@ class DiT(PyramidVisionTransformerV2):
             along PVTv2's staircase (+bias on that route, -bias elsewhere).
         window: (finer, coarser): the columns of PVTv2 stage k hold scales k - finer .. k + coarser (default
             (1, 1), the paper's visualisation; (3, 3) = every scale in every column).
+        dense_above: inference cost model: a block whose running tokens exceed this fraction of the map (for some
+            image of the batch) runs on the whole map and masks the result instead of gathering (same numbers;
+            executed GMACs rise, wall-clock falls where gathering costs more than it saves). 1.0 = always gather.
         **kwargs: PVTv2 architecture (depths, embed_dims, ..., num_classes, img_size, global_pool).
     """
 
     family = "dit"
 
     def __init__(self, budget: float = DEFAULT_BUDGET, gate_bias: float = 2.0, window: Sequence[int] = (1, 1),
-                 **kwargs):
+                 dense_above: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.budget = check_budget(budget)
+        if not 0.0 <= float(dense_above) <= 1.0:
+            raise ConfigError(f"dense_above must be a fraction in [0, 1], got {dense_above!r}")
+        self.dense_above = float(dense_above)
         self.window = check_window(window)
         finer, coarser = self.window
         L = self.columns = sum(self.depths)
@@ -324,6 +330,11 @@ class DiT(PyramidVisionTransformerV2):
         """The budget's target: budget x the PVTv2 twin's GMACs."""
         return self.budget * self.twin_gmacs(img_hw)
 
+    def cost_summary(self, img_hw: Optional[Size] = None) -> dict:
+        """GMACs of the full routing space, of the PVTv2 route (the twin) and of the budget's target."""
+        return {"space": self.space_gmacs(img_hw), "twin": self.twin_gmacs(img_hw), "budget": self.budget,
+                "budgeted": self.budget_gmacs(img_hw)}
+
     # ------------------------------------------------------------------ forward
     def _decide(self, n: int, x: Tensor, a: Tensor, c: NodeCost, acc: dict):
         """(transform, scale) masks (B, N) of node n for the tokens alive there (a); counts the gate's cost."""
@@ -381,6 +392,9 @@ class DiT(PyramidVisionTransformerV2):
         if bool(run.all()):
             acc["executed"] += B * (c.fixed + N * c.token)
             return block_masked(blk, x, xn, size, None, kv)
+        if int(counts.max()) > self.dense_above * N:  # cheaper on the whole map than gathered (docs/dit.md §8)
+            acc["executed"] += B * (c.fixed + N * c.token)
+            return block_masked(blk, x, xn, size, run.unsqueeze(-1).to(x.dtype), kv)
         index, valid, _ = active_index(run)
         acc["executed"] += B * (c.fixed + index.shape[1] * c.token)
         return block_subset(blk, x, xn, size, index, valid, kv)
@@ -511,7 +525,8 @@ class DiT(PyramidVisionTransformerV2):
 
     def extra_repr(self) -> str:
         forced = sorted({m for m in self.gate_override.values()})
-        return (f"budget={self.budget}, window={self.window}, columns={self.columns}, nodes={len(self.nodes)}"
+        return (f"budget={self.budget}, window={self.window}, columns={self.columns}, nodes={len(self.nodes)}, "
+                f"dense_above={self.dense_above}"
                 + (f", forced={forced}" if forced else ""))
 
 
