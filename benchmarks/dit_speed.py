@@ -6,6 +6,7 @@ One DiT holding its PVTv2 twin's weights, run in these scenarios (interleaved ro
 - `full space (open)`: every gate open;
 - `per-token p`: PVTv2's route, but at each block node a random fraction 1 - p of the alive tokens takes the identity
   (and stops there, as the routing rules say): the gathered per-token path;
+- `... dense>0.5`: the same with `dense_above=0.5` (crowded nodes run on the whole map, masked: the cost model);
 - `early coarsening c`: each stage hands all its tokens to the next scale c columns early and the last c columns of
   the 1/32 scale stop: whole nodes skipped, no gathering (a node-level route with similar GMACs).
 Printed per scenario: GMACs / image (info), executed GMACs / image (batch padding included), GMAC ratio and time
@@ -63,8 +64,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--keep", type=float, nargs="*", default=[0.8, 0.6])
+    p.add_argument("--keep", type=float, nargs="*", default=[0.9, 0.7, 0.5])
     p.add_argument("--early", type=int, nargs="*", default=[1])
+    p.add_argument("--dense-above", type=float, default=0.5, help="the cost model's threshold for the extra rows")
     p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,12 +77,15 @@ def main() -> None:
     dynavit.load_state_dict(model, twin.state_dict(), strict=False)
     scenarios = {"pvt_v2 twin": None, "route (forced)": ("pvt_v2",), "full space (open)": ("open",)}
     scenarios.update({f"per-token p={k:g}": (None, k, 0) for k in args.keep})
+    scenarios.update({f"per-token p={k:g} dense>{args.dense_above:g}": (None, k, 0, args.dense_above)
+                      for k in args.keep})
     scenarios.update({f"early coarsening {c}": (None, 1.0, c) for c in args.early})
 
     def configure(spec):
         if spec is None:
             return twin
         model.force_gates(spec[0])
+        model.dense_above = spec[3] if len(spec) > 3 else 1.0
         if spec[0] is None:
             set_route_gates(model, spec[1], spec[2])
         return model
@@ -109,13 +114,13 @@ def main() -> None:
     print(f"{args.model} @ {args.img_size}, batch {args.batch}, fp32, {args.threads} thread(s), GLIBC_TUNABLES "
           f"{'on' if os.environ.get('GLIBC_TUNABLES') == _TUNABLES else 'off'}, median of {args.repeats} "
           f"interleaved rounds; twin {twin_gmacs:.3f} GMACs, full space {model.space_gmacs():.3f}")
-    print(f"{'scenario':<22}{'GMACs/img':>10}{'exec/img':>10}{'GMAC ratio':>11}{'ms/batch':>10}{'time ratio':>11}"
+    print(f"{'scenario':<30}{'GMACs/img':>10}{'exec/img':>10}{'GMAC ratio':>11}{'ms/batch':>10}{'time ratio':>11}"
           f"{'efficiency':>11}{'block runs':>11}")
     for name in scenarios:
         g, e, runs = stats[name]
         t = statistics.median(times[name])
         runs = runs / route_runs if name != "pvt_v2 twin" else 1.0
-        print(f"{name:<22}{g:>10.3f}{e:>10.3f}{g / twin_gmacs:>11.3f}{t * 1e3:>10.1f}{t / ref:>11.3f}"
+        print(f"{name:<30}{g:>10.3f}{e:>10.3f}{g / twin_gmacs:>11.3f}{t * 1e3:>10.1f}{t / ref:>11.3f}"
               f"{(ref / t) / (twin_gmacs / g):>11.3f}{runs:>11.3f}")
 
 

@@ -112,6 +112,11 @@ def test_pvt_v2_route_equals_twin_from_one_checkpoint(tmp_path):
     assert torch.equal(forced_again, logits) and (routed - ref).abs().max() > 1e-3
     for a, b in zip(maps, maps_ref):
         assert (a - b).abs().max() <= 1e-4
+    # plain torch loading fills the off-route blocks the same way
+    other = dynavit.create_model("dit_tiny", img_size=64).eval()
+    missing = other.load_state_dict(dense.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("gates.") for k in missing)
+    assert torch.equal(other.state_dict()["grid.s1c0.mlp.fc1.weight"], sd["grid.s1c0.mlp.fc1.weight"])
     assert torch.allclose(info.extra["gmacs"], torch.full((2,), dit.twin_gmacs((64, 64))))
     assert info.extra["gmacs_twin"] == pytest.approx(dynavit.count_gmacs(dense, x[:1]), rel=1e-9)
     # each column uses one scale, PVTv2's, with every token

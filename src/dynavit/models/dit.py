@@ -40,12 +40,16 @@ def hard_gate(logits: Tensor, training: bool) -> Tensor:
 
 
 def active_index(mask: Tensor):
-    """mask (B, N) bool -> (index (B, k) active positions first, in order; valid (B, k, 1); counts (B,)), k = max."""
+    """mask (B, N) bool -> (index (B, k) active positions first, in order, then inactive ones as padding;
+    valid (B, k, 1); counts (B,)), k = the largest count. A stable partition by cumulative sums (no sort)."""
+    B, N = mask.shape
     counts = mask.sum(1)
     k = int(counts.max())
-    index = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    on = mask.long()
+    slot = torch.where(mask, on.cumsum(1) - 1, counts.unsqueeze(1) + (1 - on).cumsum(1) - 1)  # (B, N) permutation
+    order = torch.empty_like(slot).scatter_(1, slot, torch.arange(N, device=mask.device).expand(B, N))
     valid = (torch.arange(k, device=mask.device) < counts.unsqueeze(1)).unsqueeze(-1)
-    return index, valid, counts
+    return order[:, :k], valid, counts
 
 
 def region_any(mask: Tensor, size: Size) -> Tensor:
@@ -229,6 +233,7 @@ class DiT(PyramidVisionTransformerV2):
                 t, g = self.route_gates(n)
                 gate.bias.copy_(torch.tensor([gate_bias if t else -gate_bias, gate_bias if g else -gate_bias]))
         self.gate_override: dict = {}
+        self._register_load_state_dict_pre_hook(self._fill_grid_hook)  # plain torch `load_state_dict` too
 
     # ------------------------------------------------------------------ the grid
     def has_block(self, i: int, j: int) -> bool:
@@ -256,14 +261,19 @@ class DiT(PyramidVisionTransformerV2):
             return self.has_block(i, j), self.has_down(i, j)
         return (self.has_block(i, j) and self.stage_of[j] == i), (self.has_down(i, j) and j == self.starts[i + 1])
 
-    def checkpoint_filter(self, sd: dict) -> dict:
+    def checkpoint_filter(self, sd: dict, prefix: str = "") -> dict:
         """Called by `dynavit.load_checkpoint`: a PVTv2 state dict fills the off-route blocks from its own blocks."""
         sd = dict(sd)
-        have = {k.split(".")[1] for k in sd if k.startswith("grid.")}
-        for name, prefix in self.grid_source.items():
+        have = {k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "grid.")}
+        for name, src in self.grid_source.items():
             if name not in have:
-                sd.update({f"grid.{name}.{k[len(prefix):]}": v for k, v in sd.items() if k.startswith(prefix)})
+                src = prefix + src
+                sd.update({f"{prefix}grid.{name}.{k[len(src):]}": v for k, v in sd.items() if k.startswith(src)})
         return sd
+
+    def _fill_grid_hook(self, state_dict, prefix, *args) -> None:
+        filled = self.checkpoint_filter(state_dict, prefix)
+        state_dict.update({k: v for k, v in filled.items() if k not in state_dict})
 
     # ------------------------------------------------------------------ configuration
     def force_gates(self, mode: Optional[str], nodes: Optional[Sequence[Union[int, str]]] = None) -> None:
@@ -336,20 +346,21 @@ class DiT(PyramidVisionTransformerV2):
                 "budgeted": self.budget_gmacs(img_hw)}
 
     # ------------------------------------------------------------------ forward
-    def _decide(self, n: int, x: Tensor, a: Tensor, c: NodeCost, acc: dict):
-        """(transform, scale) masks (B, N) of node n for the tokens alive there (a); counts the gate's cost."""
+    def _decide(self, n: int, xn: Tensor, a: Tensor, c: NodeCost, acc: dict):
+        """(transform, scale) masks (B, N) of node n for the tokens alive there (a), from the normed node xn;
+        counts the gate's cost."""
         mode = self.gate_override.get(n)
         B, N = a.shape
         if mode is not None:
             t, g = self.route_gates(n, mode)
             return a * t, a * g  # works for float and bool masks
         if self.training:
-            t, g = hard_gate(self.gates[n](F.layer_norm(x, x.shape[-1:]).detach()), True).unbind(-1)
+            t, g = hard_gate(self.gates[n](xn.detach()), True).unbind(-1)
             acc["gmacs"] = acc["gmacs"] + c.gate * a.sum(1)
             acc["executed"] += B * N * c.gate
             return a * t, a * g
         index, valid, counts = active_index(a)
-        hard = (self.gates[n](F.layer_norm(gather_tokens(x, index), x.shape[-1:])) > 0) & valid  # (B, k, 2)
+        hard = (self.gates[n](gather_tokens(xn, index)) > 0) & valid  # (B, k, 2)
         acc["gmacs"] = acc["gmacs"] + c.gate * counts
         acc["executed"] += B * index.shape[1] * c.gate
         t = a.new_zeros(B, N).scatter(1, index, hard[..., 0])
@@ -371,9 +382,9 @@ class DiT(PyramidVisionTransformerV2):
         acc["executed"] += index.numel() * c.down
         return r, (index, valid), down_subset(down, fine, index)
 
-    def _block(self, i: int, j: int, x: Tensor, run: Tensor, reached: Tensor, size: Size, c: NodeCost,
+    def _block(self, i: int, j: int, x: Tensor, xn: Tensor, run: Tensor, reached: Tensor, size: Size, c: NodeCost,
                acc: dict) -> Tensor:
-        """B[i, j] on the tokens `run` (B, N); the others keep their value."""
+        """B[i, j] on the tokens `run` (B, N) (xn = its norm1 of x); the others keep their value."""
         B, N = run.shape
         if self.training:
             acc["gmacs"] = acc["gmacs"] + c.fixed * run.amax(1) + c.token * run.sum(1)
@@ -385,7 +396,6 @@ class DiT(PyramidVisionTransformerV2):
             acc["gmacs"] = acc["gmacs"] + c.fixed * (counts > 0) + c.token * counts
         blk = self.block(i, j)
         kv = kv_cells(reached, size, blk.attn.sr_ratio)
-        xn = blk.norm1(x)
         xn = xn if kv is None else xn * reached.unsqueeze(-1)  # positions no token reached are empty
         if self.training:
             return block_masked(blk, x, xn, size, run.unsqueeze(-1), kv)
@@ -429,11 +439,14 @@ class DiT(PyramidVisionTransformerV2):
                         alive[i] = alive[i] & False
                     continue
                 c = costs[n]
-                run, sent = self._decide(n, X[i], alive[i], c, acc)
+                # the gate reads the node through its block's norm1 (needed for keys / values anyway); a node
+                # without a block through a LayerNorm without affine parameters
+                xn = self.block(i, j).norm1(X[i]) if self.has_block(i, j) else F.layer_norm(X[i], X[i].shape[-1:])
+                run, sent = self._decide(n, xn, alive[i], c, acc)
                 if self.has_down(i, j) and (self.training or bool(sent.any())):
                     pending[i + 1] = self._down(i, X[i], sent, sizes[i], c, acc)
                 if self.has_block(i, j):
-                    X[i] = self._block(i, j, X[i], run, reached[i], sizes[i], c, acc)
+                    X[i] = self._block(i, j, X[i], xn, run, reached[i], sizes[i], c, acc)
                 else:
                     run = run * False
                 if rec is not None:
