@@ -341,3 +341,21 @@ def test_down_subset_equals_the_conv_at_those_tokens():
     out = down_subset(down, fine, index)
     torch.testing.assert_close(out, torch.gather(full, 1, index.unsqueeze(-1).expand(-1, -1, 10)), atol=1e-5, rtol=0)
     assert size == (4, 3)
+
+
+def test_routing_picture_rows_are_strides_columns_are_stages(tmp_path):
+    from PIL import Image
+
+    from dynavit.cli import main
+    from dynavit.viz import dit_routing_rows
+
+    _, dit = twins()  # initial gates: PVTv2's route, so stage k holds only stride 4 * 2^k, every token of it
+    image, tiles, counts, gmacs, _ = dit_routing_rows(dit, torch.randn(1, 3, 64, 64))[0]
+    assert counts == [[4 ** (4 - i) if i == k else 0 for k in range(4)] for i in range(4)]
+    assert (tiles[0][1] == 1.0).all() and tiles[0][0].shape == image.shape  # white where no token ran
+    assert gmacs == pytest.approx(dit.twin_gmacs((64, 64)), rel=0.01)
+    png = tmp_path / "in.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(png)
+    out = tmp_path / "routing.png"
+    assert main(["viz", "--model", "dit_tiny", "--img-size", "64", "--image", str(png), "--output", str(out)]) == 0
+    assert out.stat().st_size > 10_000

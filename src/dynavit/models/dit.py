@@ -359,9 +359,14 @@ class DiT(PyramidVisionTransformerV2):
             acc["gmacs"] = acc["gmacs"] + c.gate * a.sum(1)
             acc["executed"] += B * N * c.gate
             return a * t, a * g
-        index, valid, counts = active_index(a)
-        hard = (self.gates[n](gather_tokens(xn, index)) > 0) & valid  # (B, k, 2)
+        counts = a.sum(1)
         acc["gmacs"] = acc["gmacs"] + c.gate * counts
+        if bool(a.all()) or int(counts.max()) > self.dense_above * N:  # on the whole map: no gather / scatter
+            acc["executed"] += B * N * c.gate
+            hard = self.gates[n](xn) > 0  # (B, N, 2)
+            return hard[..., 0] & a, hard[..., 1] & a
+        index, valid, _ = active_index(a)
+        hard = (self.gates[n](gather_tokens(xn, index)) > 0) & valid  # (B, k, 2)
         acc["executed"] += B * index.shape[1] * c.gate
         t = a.new_zeros(B, N).scatter(1, index, hard[..., 0])
         return t, a.new_zeros(B, N).scatter(1, index, hard[..., 1])
@@ -375,7 +380,7 @@ class DiT(PyramidVisionTransformerV2):
         fine = self.stages[i].norm(x)
         fine = to_map(fine if not self.training and bool(sent.all()) else fine * sent.unsqueeze(-1), size)
         down = self.stages[i + 1].downsample
-        if self.training or bool(r.all()):
+        if self.training or bool(r.all()) or int(r.sum(1).max()) > self.dense_above * r.shape[1]:
             acc["executed"] += r.numel() * c.down
             return r, None, down(fine)[0]
         index, valid, _ = active_index(r)
