@@ -448,9 +448,11 @@ class DiT(PyramidVisionTransformerV2):
                 # without a block through a LayerNorm without affine parameters
                 xn = self.block(i, j).norm1(X[i]) if self.has_block(i, j) else F.layer_norm(X[i], X[i].shape[-1:])
                 run, sent = self._decide(n, xn, alive[i], c, acc)
-                if self.has_down(i, j) and (self.training or bool(sent.any())):
+                mode = self.gate_override.get(n)
+                can_run, can_send = self.route_gates(n, mode) if mode is not None else (True, True)
+                if self.has_down(i, j) and can_send and (self.training or bool(sent.any())):
                     pending[i + 1] = self._down(i, X[i], sent, sizes[i], c, acc)
-                if self.has_block(i, j):
+                if self.has_block(i, j) and can_run:
                     X[i] = self._block(i, j, X[i], xn, run, reached[i], sizes[i], c, acc)
                 else:
                     run = run * False
