@@ -4,7 +4,9 @@ Everything is drawn from the `ReductionInfo` a forward returns with `return_info
 every method: `info.patch_to_token[stage]` says which token holds each original patch (-1 once pruned). Pruned
 patches are faded to white (DynamicViT's figure), patches that share a token with others are tinted with the
 group's colour and outlined (BAT's Figure 5, ToMe's merged groups, EViT's fused token), and single-patch tokens
-are left as they are. DiT's routing is drawn as the number of blocks each location went through.
+are left as they are. DiT's routing is drawn as the number of blocks each location went through (a panel), or as
+the paper's visualisation (`save_routing_grid`): rows = strides 4..32, columns = stages, the image shown where a
+token of that stride ran a block in that stage and white elsewhere.
 
 matplotlib is an optional dependency (`pip install dynavit[plot]`); it is imported when a figure is drawn.
 """
@@ -127,6 +129,69 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
         panels[-1] = (panels[-1][0] + f"\npredicted {name}", *panels[-1][1:])
         out.append(panels)
     return out
+
+
+def routing_tile(image: np.ndarray, active: Tensor, size: tuple) -> np.ndarray:
+    """The image where `active` (N,) tokens of a (h, w) scale are, white elsewhere (float RGB in [0, 1])."""
+    H, W = image.shape[:2]
+    m = active.detach().cpu().view(1, 1, *size).float()
+    stride_h, stride_w = -(-H // size[0]), -(-W // size[1])
+    up = m.repeat_interleave(stride_h, 2).repeat_interleave(stride_w, 3)[0, 0, :H, :W].numpy()[..., None]
+    return (image.astype(np.float32) / 255.0) * up + (1.0 - up)
+
+
+def dit_routing_rows(model, x: Tensor) -> list:
+    """Per image: (uint8 image, tiles[stride row][stage col], GMACs, predicted class) for `save_routing_grid`."""
+    from .models.dit import stage_activity
+
+    model.eval()
+    with torch.no_grad():
+        logits, info = model(x, return_info=True)
+    act, sizes = stage_activity(info), info.extra["scale_sizes"]
+    out = []
+    for b in range(x.shape[0]):
+        image = to_uint8_image(x[b])
+        tiles = [[routing_tile(image, act[i][k][b], sizes[i]) for k in range(4)] for i in range(4)]
+        counts = [[int(act[i][k][b].sum()) for k in range(4)] for i in range(4)]
+        out.append((image, tiles, counts, float(info.extra["gmacs"][b]), int(logits[b].argmax())))
+    return out
+
+
+def save_routing_grid(model, x: Tensor, path, labels: Optional[Sequence[str]] = None,
+                      title: Optional[str] = None) -> Path:
+    """DiT's routing as in the paper's visualisation: per image, the input and a 4 x 4 grid (rows = strides
+    4, 8, 16, 32; columns = PVTv2 stages 1-4) of the tokens that ran a block there."""
+    plt = _pyplot()
+    rows = dit_routing_rows(model, x)
+    fig, axes = plt.subplots(4 * len(rows), 5, figsize=(2.0 * 5, 2.0 * 4 * len(rows)), squeeze=False)
+    for b, (image, tiles, counts, gmacs, pred) in enumerate(rows):
+        for i in range(4):
+            for col in range(5):
+                ax = axes[4 * b + i][col]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == 0:
+                    if i == 0:
+                        ax.imshow(image)
+                        name = f" ({labels[b]})" if labels else ""
+                        ax.set_title(f"input{name}\n{gmacs:.4g} GMACs, predicted {pred}", fontsize=7.5)
+                    else:
+                        ax.axis("off")
+                    continue
+                ax.imshow(tiles[i][col - 1])
+                ax.set_title(f"{counts[i][col - 1]} tokens", fontsize=6.5)
+                if i == 0:
+                    ax.set_title(f"stage {col}\n{counts[i][col - 1]} tokens", fontsize=7.5)
+                if col == 1:
+                    ax.set_ylabel(f"stride {4 * 2 ** i}", fontsize=7.5)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def draw_panel(ax, title: str, kind: str, payload) -> None:

@@ -28,6 +28,18 @@ def run(args) -> int:
     print(f"params:     {params / 1e6:.2f} M")
     print(f"input:      {size}x{size}")
     print(f"GMACs:      {gmacs:.2f}")
+    summary = getattr(model, "cost_summary", None)
+    if callable(summary):  # DiT: the routing space's costs next to the budget (docs/dit.md)
+        c = summary()
+        print(f"routing:    full space {c['space']:.4g} GMACs | PVTv2 route (twin) {c['twin']:.4g} | "
+              f"budget {c['budget']:g} x twin = {c['budgeted']:.4g}")
+        print(f"            this model's gates on one random image: {float(info.extra['gmacs'][0]):.4g} GMACs")
+        st = info.extra["scale_tokens"][0]  # (columns, 4): tokens that ran a block
+        for k in range(4):
+            cols = [j for j, s in enumerate(model.stage_of) if s == k]
+            print(f"            stage {k + 1} ({len(cols)} columns), block runs per stride 4/8/16/32: "
+                  + " / ".join(str(int(v)) for v in st[cols].sum(0)))
+        return 0
     n = getattr(model, "num_patches", None)
     counts = list(info.token_counts)
     print(f"tokens:     {n} patches" + (f" -> per stage {' / '.join(str(c) for c in counts)}" if counts else

@@ -1,7 +1,8 @@
 """`dynavit viz --model M --method X --checkpoint C --image PATH [--output PNG]`: draw what a method did to an image.
 
-Pruned patches are faded, merged groups coloured (one colour per token), DiT's routing shown as blocks run per
-location; one panel per reduction stage. `--checkpoint` takes a file, a run directory or the name of a shipped
+Pruned patches are faded, merged groups coloured (one colour per token), one panel per reduction stage. A DiT
+model (`--model dit_...`) is drawn as the paper's visualisation: rows = strides 4..32, columns = stages, the tokens
+that ran a block there (docs/dit.md). `--checkpoint` takes a file, a run directory or the name of a shipped
 asset (e.g. `demo_vit`, or `demo_vit_dynamicvit_0.7`, which loads its backbone too); the model, method and class
 count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
 arbitrary). The predicted class of each image is printed, by name when the run saved its class names.
@@ -81,6 +82,13 @@ def run(args) -> int:
     size = getattr(model, "img_size", 224)
     x = torch.cat([load_image(str(p), size) for p in images])
     classes = w.classes if w is not None else None
+    if getattr(model, "family", None) == "dit":  # the routing grid (docs/dit.md section 6)
+        from ..viz import save_routing_grid
+
+        save_routing_grid(model, x, out, [p.name for p in images],
+                          title=f"{name} budget {model.budget:g}" + (f" ({w.label})" if w else ""))
+        print(f"wrote {out}")
+        return 0
     rows = panels_for(model, x, [p.name for p in images], class_names=classes)
     with torch.no_grad():
         probs = model(x).float().softmax(-1)

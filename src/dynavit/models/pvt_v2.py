@@ -47,8 +47,9 @@ class OverlapPatchEmbed(nn.Module):
 class SRAttention(nn.Module):
     """Spatial-reduction attention: queries from tokens, keys / values from conv(k=R, s=R)+LN of the whole map.
 
-    forward(x (B, N, C) normed full map, size, query (B, k, C) or None = x) -> (B, k, C).
-    Keys and values always come from the full map, so any subset of queries is computed exactly (DiT).
+    forward(x (B, N, C) normed full map, size, query (B, k, C) or None = x, kv_mask (B, M) bool or None)
+    -> (B, k, C). Keys and values always come from the full map, so any subset of queries is computed exactly
+    (DiT); kv_mask drops keys (DiT: reduced cells that no token has reached).
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True):
@@ -73,12 +74,14 @@ class SRAttention(nn.Module):
         kv = self.kv(x).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return kv.unbind(0)
 
-    def forward(self, x: Tensor, size: Size, query: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, size: Size, query: Optional[Tensor] = None,
+                kv_mask: Optional[Tensor] = None) -> Tensor:
         query = x if query is None else query
         B, K, C = query.shape
         q = self.q(query).reshape(B, K, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, K, d)
         k, v = self.keys_values(x, size)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, K, d)
+        mask = None if kv_mask is None else kv_mask[:, None, None, :]  # (B, 1, 1, M)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
         return self.proj(out.transpose(1, 2).reshape(B, K, C))
 
 

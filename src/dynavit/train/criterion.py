@@ -38,21 +38,35 @@ class ClassificationCriterion(nn.Module):
 
 
 class BudgetCriterion(nn.Module):
-    """Classification plus a method's budget loss, switched on after `start` of training (DiT, METHODS 7).
+    """Classification plus a method's budget loss, which is 0 during its warm-up (DiT, METHODS 7).
 
-    `needs_info`: the engine calls the model with `return_info=True`, so `outputs` is (logits, ReductionInfo).
+    The engine calls `set_progress(step / total_steps)` before every step; the criterion passes that progress to
+    the budget loss (`budget_loss(info, progress=...)`), whose `warmup` decides when it switches on. `start`, if
+    given, sets that warm-up (the recipe's `budget_start`). `needs_info`: the engine calls the model with
+    `return_info=True`, so `outputs` is (logits, ReductionInfo).
     """
 
     needs_info = True
 
-    def __init__(self, budget_loss: nn.Module, smoothing: float = 0.0, start: float = 0.4):
+    def __init__(self, budget_loss: nn.Module, smoothing: float = 0.0, start: Optional[float] = None):
         super().__init__()
         self.cls = ClassificationCriterion(smoothing)
-        self.budget_loss, self.start, self.enabled = budget_loss, float(start), start <= 0
+        self.budget_loss = budget_loss
+        if start is not None:
+            self.budget_loss.warmup = float(start)
+        self.progress = 0.0
         self.last_parts: dict = {}
 
+    @property
+    def start(self) -> float:
+        return float(getattr(self.budget_loss, "warmup", 0.0))
+
+    @property
+    def enabled(self) -> bool:
+        return self.progress >= self.start
+
     def set_progress(self, fraction: float) -> None:
-        self.enabled = fraction >= self.start
+        self.progress = float(fraction)
 
     def forward(self, images: Tensor, outputs, target: Tensor) -> Tensor:
         logits, info = outputs if isinstance(outputs, tuple) else (outputs, None)
@@ -61,7 +75,7 @@ class BudgetCriterion(nn.Module):
         if self.enabled:
             if info is None:
                 raise ConfigError("the budget loss needs the routing info: call the model with return_info=True")
-            budget = self.budget_loss(info)
+            budget = self.budget_loss(info, progress=self.progress)
             self.last_parts["budget"] = budget.detach()
             loss = loss + budget
         return loss

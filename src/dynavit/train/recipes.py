@@ -67,9 +67,10 @@ RECIPES = {r.name: r for r in [
     Recipe("tome", "ToMe fine-tune (off the shelf needs no training: use `dynavit eval`): the EViT/BAT fine-tune "
            "hyperparameters with a fixed r", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0,
            weight_decay=1e-6, method="tome"),
-    Recipe("dit", "DiT (METHODS 7): DeiT schedule, budget loss switched on after 40% of training",
-           epochs=300, lr=5e-4, lr_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
-           criterion="budget", budget_start=0.4, method="dit"),
+    Recipe("dit", "DiT (METHODS 7, docs/dit.md): DeiT schedule, budget loss switched on after 40% of training; "
+           "lr 1e-2 x B/512 is the gates', the backbone's is x 0.05 (DeiT's 5e-4)",
+           epochs=300, lr=1e-2, lr_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
+           criterion="budget", budget_start=0.4, backbone_lr_scale=0.05, head_patterns=("gates.*",), method="dit"),
 ]}
 
 # `--recipe` defaults from `--method`
