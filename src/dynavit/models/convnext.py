@@ -150,6 +150,9 @@ class ConvNeXt(nn.Module):
         if x.shape[2] < 32 or x.shape[3] < 32:
             raise InputError(f"ConvNeXt needs images of at least 32x32, got {x.shape[2]}x{x.shape[3]}")
 
+    def stage_blocks(self, s: int) -> nn.Module:
+        return self.stages[s]
+
     def run_stage(self, s: int, x: Tensor) -> Tensor:
         """Stage s's blocks on its (B, C_s, H_s, W_s) map."""
         return self.stages[s](x)

@@ -275,6 +275,9 @@ class SwinTransformer(nn.Module):
         x = self.patch_embed(x)
         return x if self.absolute_pos_embed is None else x + self.absolute_pos_embed
 
+    def stage_blocks(self, s: int) -> nn.ModuleList:
+        return self.layers[s].blocks
+
     def run_stage(self, s: int, x: Tensor) -> Tensor:
         """Stage s's blocks on its (B, H_s * W_s, C_s) tokens (patch merging not included)."""
         for blk in self.layers[s].blocks:
