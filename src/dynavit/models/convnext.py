@@ -24,6 +24,11 @@ from ..registry import register_model
 from ..tokens import ReductionInfo
 
 
+def _linspace(end: float, n: int) -> list:
+    """Stochastic-depth rates 0 .. end over n blocks (plain floats: also works when building on the meta device)."""
+    return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's `channels_first` LayerNorm)."""
 
@@ -114,7 +119,7 @@ class ConvNeXt(nn.Module):
             [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))]
             + [nn.Sequential(LayerNorm2d(dims[s], eps=1e-6), nn.Conv2d(dims[s], dims[s + 1], kernel_size=2, stride=2))
                for s in range(3)])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = _linspace(drop_path_rate, sum(depths))
         starts = [sum(depths[:s]) for s in range(4)]
         self.stages = nn.ModuleList(
             nn.Sequential(*[ConvNeXtBlock(dims[s], dpr[starts[s] + j], layer_scale_init_value)

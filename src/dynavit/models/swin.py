@@ -60,6 +60,11 @@ def shift_mask(H: int, W: int, w: int, shift: int) -> Tensor:
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
+def _linspace(end: float, n: int) -> list:
+    """Stochastic-depth rates 0 .. end over n blocks (plain floats: also works when building on the meta device)."""
+    return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside w x w windows with a learned relative-position bias."""
 
@@ -226,7 +231,7 @@ class SwinTransformer(nn.Module):
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim)) if ape else None
         if ape:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = _linspace(drop_path_rate, sum(depths))
         S = len(depths)
         self.resolutions = [(grid // 2 ** i, grid // 2 ** i) for i in range(S)]
         self.layers = nn.ModuleList(
