@@ -336,3 +336,37 @@ def test_info_command_prints_paper_numbers(capsys, model, method, lo, hi):
     assert "137 / 97 / 58" in out
     gmacs = float(out.split("GMACs:")[1].split()[0])
     assert lo <= gmacs <= hi  # the paper: 3.6 (DynamicCNN-T/0.7), 4.0 (DynamicSwin-T/0.7)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "swin"])
+def test_viz_panels_fade_exactly_the_fast_path_positions(kind):
+    from dynavit.viz import panels_for
+
+    model, x = tiny(kind)
+    x = x[:1]
+    rows = panels_for(model, x)
+    with torch.no_grad():
+        _, info = model(x, return_info=True)
+    assert len(rows) == 1 and len(rows[0]) == 1 + len(model.reducer.locations)  # input + one per predictor
+    gh, gw = model.grid_size
+    H = x.shape[-1]
+    for s, (title, kind_, overlay) in enumerate(rows[0][1:]):
+        assert f"{info.token_counts[s]} tokens" in title and kind_ == "overlay"
+        fast = set(info.extra["fast_positions"][s][0].tolist())
+        ph = H // gh
+        for n in range(gh * gw):  # a faded patch is brighter than the image there (FADE towards white)
+            r, c = divmod(n, gw)
+            patch = overlay[r * ph:(r + 1) * ph, c * ph:(c + 1) * ph]
+            assert (patch.min() >= 0.78 - 1e-6) == (n in fast)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "swin"])
+def test_exports_to_onnx_with_the_authors_counts(tmp_path, kind):
+    """The eval path (top-k order, two gathers per block) exports as one static graph and matches onnxruntime,
+    with 97 (not 98) full-path positions: counts are Python ints, not traced float32 products.
+    (torchscript exporter; the dynamo exporter fails on Swin's window attention: docs/dynamic-hierarchical.md.)"""
+    pytest.importorskip("onnxruntime")
+    from dynavit.export import export_onnx
+
+    res = export_onnx(load(kind), tmp_path / f"{kind}.onnx", batch_size=2, dynamo=False)
+    assert res["max_abs_diff"] <= 1e-4

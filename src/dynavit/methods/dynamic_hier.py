@@ -236,7 +236,8 @@ class DynamicHier(MapReducer):
             i = self._index.get(j)
             if i is not None:
                 tokens = self.tokens(x)  # (B, N, C)
-                counts = counts or self.counts(tokens.shape[1])
+                # a Python int: traced for ONNX, N * ratio would be computed in float32 (0.49999999999999994 -> 0.5)
+                counts = counts or self.counts(int(tokens.shape[1]))
                 logp = predictors[i](tokens)  # (B, N, 2)
                 order, k = full_fast_order(logp[..., 0]), counts[i]
                 self._record(ctx, logp, order, k)
