@@ -160,3 +160,17 @@ def test_saved_method_checkpoint_has_the_authors_keys(tmp_path, kind):
     assert set(load_file(str(path))) == {k for k in authors if not k.endswith(("relative_position_index",
                                                                                 "attn_mask"))}
     dynavit.create_model(name, method=method, checkpoint=path, **cfg)  # and it loads back strictly
+
+
+@pytest.mark.parametrize("name, method, params, dense, reduced", [
+    ("convnext_small", "dynamiccnn", 50.22, 8.7, 5.8), ("convnext_base", "dynamiccnn", 88.59, 15.4, 10.2),
+    ("swin_small_patch4_window7_224", "dynamicswin", 49.61, 8.7, 6.9)])  # Swin-B: 15.43 -> 12.02 (docs)
+def test_larger_variants_match_the_paper(name, method, params, dense, reduced):
+    """Parameters (the official models') and GMACs at 224, dense and at keep rate 0.7 (TPAMI table), counted on
+    the meta device (no weights, no arithmetic)."""
+    with torch.device("meta"):
+        d = dynavit.create_model(name)
+        m = dynavit.create_model(name, method=method, keep_rate=0.7)
+    assert sum(p.numel() for p in d.parameters()) / 1e6 == pytest.approx(params, abs=0.01)
+    assert dynavit.count_gmacs(d) == pytest.approx(dense, abs=0.1)
+    assert dynavit.count_gmacs(m) == pytest.approx(reduced, abs=0.1)
