@@ -24,7 +24,8 @@ SWIN_CFG = dict(embed_dim=16, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8], windo
 KINDS = {"cnn": ("convnext", "dynamiccnn", CNN_CFG), "swin": ("swin", "dynamicswin", SWIN_CFG)}
 # small models for property tests: ConvNeXt at 64 px (stage-3 map 4x4); Swin at 128 px with windows of 4
 # (stage-3 map 8x8: four windows, shifted in odd blocks)
-TINY = {"cnn": ("convnext", "dynamiccnn", dict(depths=[1, 1, 4, 1], dims=[8, 16, 32, 64], num_classes=10, img_size=64), 64),
+TINY = {"cnn": ("convnext", "dynamiccnn", dict(depths=[1, 1, 4, 1], dims=[8, 16, 32, 64], num_classes=10,
+                                              img_size=64), 64),
         "swin": ("swin", "dynamicswin", dict(embed_dim=8, depths=[1, 1, 4, 1], num_heads=[1, 1, 2, 2],
                                              window_size=4, num_classes=10, img_size=128), 128)}
 

@@ -382,8 +382,9 @@ _PARAMS = ("keep_rate", "prune_locations", "ratio_arithmetic")
 @register_method("dynamiccnn", params=_PARAMS, families=("convnext",))
 def apply_dynamiccnn(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                      prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
-    """DynamicCNN (TPAMI): in ConvNeXt stage 3, predictors pick the positions whose FFN runs; the rest take a
-    LayerNorm + Linear fast path.
+    """DynamicCNN (TPAMI): in ConvNeXt stage 3 only the predicted top positions run the FFN (ratios b, b-.2, b-.4).
+
+    The other positions take a LayerNorm + Linear fast path; the depthwise conv runs everywhere.
 
     Args:
         keep_rate: b in (0, 1] giving full-path ratios [b, b - 0.2, b - 0.4] (the authors' floats; b > 0.4), or an
@@ -399,8 +400,9 @@ def apply_dynamiccnn(model: nn.Module, keep_rate: Union[float, Sequence[float]] 
 @register_method("dynamicswin", params=_PARAMS, families=("swin",))
 def apply_dynamicswin(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                       prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
-    """DynamicSwin (TPAMI): in Swin stage 3, predictors pick the tokens whose MLP runs; the rest take a
-    LayerNorm + Linear fast path.
+    """DynamicSwin (TPAMI): in Swin stage 3 only the predicted top tokens run the MLP (ratios b, b-.2, b-.4).
+
+    The other tokens take a LayerNorm + Linear fast path; window attention runs everywhere.
 
     Args:
         keep_rate: b in (0, 1] giving full-path ratios [b, b - 0.2, b - 0.4] (the authors' floats; b > 0.4), or an

@@ -222,8 +222,9 @@ class SwinTransformer(nn.Module):
                               f"depths={list(depths)}, num_heads={list(num_heads)}")
         grid = img_size // patch_size
         if grid % 2 ** (len(depths) - 1):
+            step = patch_size * 2 ** (len(depths) - 1)
             raise ConfigError(f"img_size {img_size} / patch_size {patch_size} = {grid} patches per side cannot be "
-                              f"halved {len(depths) - 1} times; use a multiple of {patch_size * 2 ** (len(depths) - 1)}")
+                              f"halved {len(depths) - 1} times; use a multiple of {step}")
         self.img_size, self.patch_size, self.in_chans, self.num_classes = img_size, patch_size, in_chans, num_classes
         self.embed_dim, self.depths, self.num_heads = embed_dim, tuple(depths), tuple(num_heads)
         self.window_size = window_size
