@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=number(float, ">0"), default=None, help="epochs (default: the recipe's)")
     g.add_argument("--max-steps", type=number(int, ">=1"), default=None, help="optimiser steps instead of epochs")
-    p.add_argument("--recipe", default=None, help="dense | finetune | dynamicvit | evit | bat | tome | dit "
-                   "(default: from --method)")
+    p.add_argument("--recipe", default=None, help="dense | finetune | dynamicvit | dynamiccnn | dynamicswin | evit | "
+                   "bat | tome | dit (default: from --method)")
     p.add_argument("--batch-size", type=number(int, ">=1"), default=64,
                    help="images per process per micro-batch (default 64)")
     p.add_argument("--accum-steps", type=number(int, ">=1"), default=1,

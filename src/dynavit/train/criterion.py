@@ -98,8 +98,9 @@ def _dit_budget_loss(model: nn.Module, budget: Optional[float], weight: Optional
 def build_criterion(model: nn.Module, kind: str = "classification", smoothing: float = 0.0,
                     distill: bool = True, budget: Optional[float] = None, budget_weight: Optional[float] = None,
                     budget_start: float = 0.4) -> nn.Module:
-    """The criterion a recipe asks for. `kind`: 'classification', 'dynamicvit' (with its dense teacher copied
-    from `model` as it is now, so call this after loading the initial weights) or 'budget' (DiT)."""
+    """The criterion a recipe asks for. `kind`: 'classification', 'dynamicvit' / 'dynamic_hier' (DynamicCNN,
+    DynamicSwin; with the dense teacher copied from `model` as it is now, so call this after loading the initial
+    weights) or 'budget' (DiT)."""
     if kind == "classification":
         return ClassificationCriterion(smoothing)
     if kind == "dynamicvit":
@@ -108,6 +109,10 @@ def build_criterion(model: nn.Module, kind: str = "classification", smoothing: f
         if distill:
             return DynamicViTLoss.for_model(model, smoothing=smoothing)
         return DynamicViTLoss(None, model.reducer.keep_ratios, smoothing=smoothing)
+    if kind == "dynamic_hier":  # DynamicCNN / DynamicSwin
+        from ..methods.dynamic_hier import DynamicHierLoss
+
+        return DynamicHierLoss.for_model(model, distill=distill, smoothing=smoothing)
     if kind == "budget":
         return BudgetCriterion(_dit_budget_loss(model, budget, budget_weight), smoothing, budget_start)
-    raise ConfigError(f"unknown criterion {kind!r}; known: classification, dynamicvit, budget")
+    raise ConfigError(f"unknown criterion {kind!r}; known: classification, dynamicvit, dynamic_hier, budget")

@@ -23,7 +23,7 @@ class Recipe:
     warmup_epochs: float
     weight_decay: float
     augment: str = "deit"  # deit | light | none (see data.transforms.AugmentConfig)
-    criterion: str = "classification"  # classification | dynamicvit | budget
+    criterion: str = "classification"  # classification | dynamicvit | dynamic_hier | budget
     distill: bool = False  # DynamicViT: dense teacher distillation
     backbone_lr_scale: float = 1.0
     head_patterns: tuple = ()
@@ -58,6 +58,14 @@ RECIPES = {r.name: r for r in [
            weight_decay=0.05, criterion="dynamicvit", distill=True, backbone_lr_scale=0.01,
            head_patterns=("score_predictor.*",), frozen_patterns=("cls_token", "pos_embed"),
            freeze_backbone_epochs=5, ema_decay=0.99996, method="dynamicvit"),
+    *[Recipe(name, f"{label} (TPAMI, the authors' README; METHODS 3.4): 120 epochs from a pretrained dense model, "
+             "lr 4e-3 x B/4096, warm-up 20, backbone lr x 0.2 and frozen for 5 epochs, dense teacher distillation "
+             "(ratio weight 10, token MSE), EMA 0.9999; the authors also set drop path 0.2 (0.5 for -B): "
+             "--set drop_path_rate=0.2", epochs=120, lr=4e-3, lr_batch=4096, min_lr=1e-6, warmup_epochs=20,
+             weight_decay=0.05, criterion="dynamic_hier", distill=True, backbone_lr_scale=0.2,
+             head_patterns=("score_predictor.*", "*.score_predictor.*", "*fast_path*", "*fastmlp*"),
+             freeze_backbone_epochs=5, ema_decay=0.9999, method=name)
+      for name, label in (("dynamiccnn", "DynamicCNN"), ("dynamicswin", "DynamicSwin"))],
     Recipe("evit", "EViT fine-tune (BAT paper's 30-epoch recipe): lr 2e-5 x B/512, min 2e-6, wd 1e-6, keep-rate "
            "cosine 1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
            keep_schedule=_EVIT_SCHEDULE, method="evit"),
@@ -75,7 +83,8 @@ RECIPES = {r.name: r for r in [
 
 # `--recipe` defaults from `--method`
 METHOD_RECIPE = {None: "dense", "dense": "dense", "dynamicvit": "dynamicvit", "evit": "evit", "bat": "bat",
-                 "tome": "tome", "dit": "dit", "topk": "evit", "random": "evit"}
+                 "tome": "tome", "dit": "dit", "topk": "evit", "random": "evit",
+                 "dynamiccnn": "dynamiccnn", "dynamicswin": "dynamicswin"}
 
 
 def get_recipe(name: Optional[str], method: Optional[str] = None, model: Optional[str] = None) -> Recipe:
