@@ -182,16 +182,24 @@ _HF_RULES = [  # (pattern, replacement), applied after the 'vit.' / 'deit.' pref
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    # transformers >= 5 names the same tensors differently (the Hub's files keep the names above)
+    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
     (r"^layernorm\.", "norm."),
     (r"^classifier\.", "head."),
     (r"^cls_classifier\.", "head."),
     (r"^distillation_classifier\.", "head_dist."),
 ]
-_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+_HF_QKV = re.compile(r"^(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)|"
+                     r"layers\.(\d+)\.attention\.(q|k|v)_proj)\.(weight|bias)$")
+_HF_QKV_PART = {"q": "query", "k": "key", "v": "value"}
 
 
 def convert_hf_vit(sd: dict) -> dict:
-    """Hugging Face ViT/DeiT names -> timm names; query/key/value are concatenated (q; k; v) into qkv."""
+    """Hugging Face ViT/DeiT names (the Hub's files and transformers >= 5's modules) -> timm names; query / key /
+    value (q_proj / k_proj / v_proj) are concatenated (q; k; v) into qkv."""
     out, qkv = {}, {}
     for key, value in sd.items():
         k = re.sub(r"^(vit|deit)\.", "", key)
@@ -199,7 +207,8 @@ def convert_hf_vit(sd: dict) -> dict:
             continue  # HF's pooler is not part of ViT/DeiT classification
         m = _HF_QKV.match(k)
         if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            layer, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), _HF_QKV_PART[m.group(4)])
+            qkv.setdefault((layer, m.group(5)), {})[part] = value
             continue
         for pattern, repl in _HF_RULES:
             if re.match(pattern, k):
