@@ -77,6 +77,18 @@ def test_pretrained_dense_backbone_under_a_method(hf_home):
     assert torch.equal(dyn.pos_embed, src.pos_embed)
 
 
+def test_dit_starts_from_its_pvt_v2_twin(hf_home):
+    src = dynavit.create_model("pvt_v2_b0")
+    lay_out_hf_cache(hf_home, "timm/pvt_v2_b0.in1k", src.state_dict())
+    with pytest.warns(UserWarning, match="gates"):
+        dit = dynavit.create_model("dit_b0", pretrained=True)
+    assert dit.pretrained_weights == "timm/pvt_v2_b0.in1k"
+    assert torch.equal(dit.stages[3].blocks[1].mlp.fc2.weight, src.stages[3].blocks[1].mlp.fc2.weight)
+    dit.force_gates("open")  # every token through every block: the dense twin
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(_logits(dit, x), _logits(src, x), atol=1e-5, rtol=1e-5)
+
+
 def test_hf_cache_offline_in_a_fresh_process(hf_home, tmp_path):
     """HF_HOME / HF_HUB_OFFLINE set before huggingface_hub is imported, through the CLI (`--pretrained`)."""
     lay_out_hf_cache(hf_home, "timm/pvt_v2_b0.in1k", dynavit.create_model("pvt_v2_b0").state_dict())

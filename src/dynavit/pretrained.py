@@ -94,8 +94,12 @@ def register_weights(w: Weights) -> None:
     _TABLE.append(w)
 
 
+TWINS = {f"dit_b{i}": f"pvt_v2_b{i}" for i in range(6)}  # DiT starts from its PVTv2 twin's weights (gates fresh)
+
+
 def weights_for(model: str) -> list:
-    """The releases of `model`, dense first."""
+    """The releases of `model` (for a DiT: its PVTv2 twin's), dense first."""
+    model = TWINS.get(model, model)
     return sorted((w for w in _TABLE if w.model == model), key=lambda w: (w.method is not None, w.keep_rate or 0))
 
 
@@ -219,10 +223,15 @@ def load_pretrained(model: nn.Module, w: Weights, progress: bool = True) -> None
         sd = {k: v for k, v in sd.items() if not k.startswith(CLASSIFIER_PREFIXES)}
         fresh.append(f"classifier ({model.num_classes} classes; the release has {w.num_classes})")
     target = model.state_dict()
+    twin = [k for k in target if k not in sd and k.startswith("gates.")] if getattr(model, "family", "") == "dit" \
+        else []
+    if twin:
+        fresh.append(f"{len(twin)} DiT gate tensors (gates.*; the release is the PVTv2 twin's)")
     method_only = [k for k in target if k not in sd and k.startswith("score_predictor.")]
     if method_only and w.method is None:
         fresh.append(f"{len(method_only)} DynamicViT predictor tensors (score_predictor.*)")
-    allowed = (CLASSIFIER_PREFIXES if reset_head else ()) + (("score_predictor.",) if w.method is None else ())
+    allowed = (CLASSIFIER_PREFIXES if reset_head else ()) + (("score_predictor.",) if w.method is None else ()) \
+        + (("gates.",) if twin else ())
     fits = (all(k in sd or k.startswith(allowed) for k in target) and all(k in target for k in sd)
             and all(sd[k].shape == target[k].shape for k in sd))
     load_state_dict(model, sd, strict=not fits, source=repr(str(path)))  # strict: raises the full error

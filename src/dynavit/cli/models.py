@@ -8,7 +8,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..pretrained import weights_for
+    from ..pretrained import TWINS, weights_for
     from ..registry import list_methods, list_models
 
     print("models (* = released weights: create_model(name, pretrained=True) / --pretrained):")
@@ -16,6 +16,8 @@ def run(args) -> int:
         found = weights_for(name)
         mark = "*" if found else " "
         where = "; ".join(f"{w.tag}: {w.label}" for w in found)
+        if name in TWINS and found:
+            where = f"its PVTv2 twin's ({where}; gates fresh)"
         print(f"  {mark} {name:<34} {where}".rstrip())
     print("methods:")
     for name, spec in list_methods().items():
