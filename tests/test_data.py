@@ -259,3 +259,17 @@ def test_cli_missing_extras_fail_before_any_work(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     rc = main(["demo", "--output", str(tmp_path / "d")])
     assert rc == 2 and "scikit-learn" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_cli_train_aug_none_runs_without_kornia(monkeypatch, tmp_path):
+    import sys
+
+    from dynavit.cli import main
+
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    monkeypatch.setitem(sys.modules, "kornia.augmentation", None)
+    make_image_folder(tmp_path / "data")
+    rc = main(["train", "--model", "tiny_vit", "--img-size", "32", "--set", "depth=2", "--data",
+               str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--aug", "none", "--max-steps", "1",
+               "--batch-size", "4", "--workers", "0", "--no-eval", "--amp", "none"])
+    assert rc == 0 and (tmp_path / "run" / "model.safetensors").exists()
