@@ -157,13 +157,13 @@ def run(args) -> int:
         from ..errors import ConfigError
 
         raise ConfigError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    check_output_dir(args.output)
     recipe = get_recipe(args.recipe, args.method, args.model)
     if args.data == "demo":
         require("train", "the demo dataset", ("sklearn", "skimage"))
     if _augment_config(args, recipe).needs_kornia:
         require("train", f"dynavit train --aug {args.aug or recipe.augment} (kornia's batched augmentation; "
                 "--aug none needs none)", ("kornia",))
+    check_output_dir(args.output)
     info = D.setup(args.device)
     try:
         import torch
