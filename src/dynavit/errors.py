@@ -28,6 +28,14 @@ class CheckpointNotFoundError(DynavitError, FileNotFoundError):
     """A checkpoint or data path that does not exist."""
 
 
+class WeightsUnavailableError(CheckpointNotFoundError):
+    """Pretrained weights that are neither in the local cache nor downloadable (no network, offline mode)."""
+
+
+class MissingExtraError(DynavitError, ImportError):
+    """An optional dependency is not installed; the message names the `pip install` that brings it."""
+
+
 class DataError(DynavitError, ValueError):
     """An empty or malformed dataset folder."""
 

@@ -114,13 +114,17 @@ def apply_method(model: nn.Module, method: str, **params) -> nn.Module:
     return model
 
 
-def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[str] = None,
+                 pretrained: bool = False, **kwargs) -> nn.Module:
     """Build backbone `name` (kwargs override its architecture) with an optional token-reduction `method`.
 
     Args:
         name: a registered model (`dynavit.list_models()`), e.g. 'deit_small_patch16_224', 'lvvit_s', 'vit'.
         method: None for the dense model, or a registered method ('dynamicvit', 'evit', 'bat', 'tome', ...).
         checkpoint: optional path loaded strictly with `load_checkpoint` after the method is attached.
+        pretrained: load the released weights of `name` (`dynavit.pretrained`; `dynavit models` lists them):
+            the authors' DynamicViT checkpoint when `method='dynamicvit'` and the keep rate match a release,
+            else the dense backbone's. A different `num_classes` keeps a fresh classifier.
         **kwargs: the method's parameters (e.g. keep_rate) and architecture overrides (e.g. num_classes).
     """
     _load_all()
@@ -137,6 +141,14 @@ def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[s
     model.model_name = name
     if method is not None and method != "dense":
         model = apply_method(model, method, **method_kwargs)
+    if pretrained:
+        from .pretrained import load_pretrained, select
+
+        keep = method_kwargs.get("keep_rate")
+        if keep is None and method not in (None, "dense"):  # the method's default keep rate
+            param = inspect.signature(get_method(method).apply).parameters.get("keep_rate")
+            keep = None if param is None or param.default is inspect.Parameter.empty else param.default
+        load_pretrained(model, select(name, method, keep))
     if checkpoint is not None:
         from .checkpoint import load_checkpoint
 

@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, m
                    help="classifier outputs (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model or method argument (repeatable), e.g. --set prune_locations=[2,5,8]")
+    p.add_argument("--pretrained", action="store_true",
+                   help="load the released weights of the model (`dynavit models` marks which have them; the "
+                        "DynamicViT release for --method dynamicvit at its keep rate)")
 
 
 def number(kind: type, rule: str = ""):
@@ -68,6 +71,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         kw["img_size"] = args.img_size
     if args.num_classes is not None:
         kw["num_classes"] = args.num_classes
+    if getattr(args, "pretrained", False):
+        kw["pretrained"] = True
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")

@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--img-size", type=number(int, ">=1"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra create_model argument for every model (repeatable)")
+    p.add_argument("--pretrained", action="store_true", help="load the released weights into every model")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--no-malloc-tunables", action="store_true",
                    help="do not re-execute with raised glibc malloc thresholds")
@@ -76,6 +77,8 @@ def run(args) -> int:
         if not eq:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         kw[key.strip().replace("-", "_")] = parse_value(value.strip())
+    if args.pretrained:
+        kw["pretrained"] = True
     cfg = BenchConfig(model=args.model, specs=args.method or ["dense"], batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads,
                       train=args.train, repeats=args.repeats, warmup=args.warmup, b1_repeats=args.b1_repeats,

@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..extras import require
+
+    require("train", "dynavit demo (its dataset)", ("sklearn", "skimage"))
+    require("plot", "dynavit demo (its figures)", ("matplotlib",))
     from ..demo import DemoConfig
     from ..demo import run as run_demo
     from ..errors import ConfigError, check_keep_rate

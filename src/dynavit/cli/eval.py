@@ -60,6 +60,10 @@ def run(args) -> int:
     from ..train.evaluate import evaluate, model_numbers, throughput
     from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
 
+    if args.data == "demo":
+        from ..extras import require
+
+        require("train", "the demo dataset", ("sklearn", "skimage"))
     info = D.setup(args.device)
     try:
         w = resolve_weights(args.checkpoint) if args.checkpoint else None

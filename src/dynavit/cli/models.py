@@ -1,4 +1,4 @@
-"""`dynavit models`: list registered backbones and token-reduction methods."""
+"""`dynavit models`: list registered backbones (marking those with released weights) and methods."""
 from __future__ import annotations
 
 
@@ -8,11 +8,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..pretrained import TWINS, weights_for
     from ..registry import list_methods, list_models
 
-    print("models:")
+    print("models (* = released weights: create_model(name, pretrained=True) / --pretrained):")
     for name in list_models():
-        print(f"  {name}")
+        found = weights_for(name)
+        mark = "*" if found else " "
+        where = "; ".join(f"{w.tag}: {w.label}" for w in found)
+        if name in TWINS and found:
+            where = f"its PVTv2 twin's ({where}; gates fresh)"
+        print(f"  {mark} {name:<34} {where}".rstrip())
     print("methods:")
     for name, spec in list_methods().items():
         summary = spec.doc.splitlines()[0] if spec.doc else ""

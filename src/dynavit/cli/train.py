@@ -142,6 +142,7 @@ def run(args) -> int:
 
     from ..data import build_dataset
     from ..data.folder import scan_folder
+    from ..extras import require
     from ..registry import create_model, get_method
     from ..train import dist as D
     from ..train.criterion import build_criterion
@@ -156,13 +157,18 @@ def run(args) -> int:
         from ..errors import ConfigError
 
         raise ConfigError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    recipe = get_recipe(args.recipe, args.method, args.model)
+    if args.data == "demo":
+        require("train", "the demo dataset", ("sklearn", "skimage"))
+    if _augment_config(args, recipe).needs_kornia:
+        require("train", f"dynavit train --aug {args.aug or recipe.augment} (kornia's batched augmentation; "
+                "--aug none needs none)", ("kornia",))
     check_output_dir(args.output)
     info = D.setup(args.device)
     try:
         import torch
 
         torch.manual_seed(args.seed)  # the initial weights: same on every rank and in every run with this seed
-        recipe = get_recipe(args.recipe, args.method, args.model)
         if args.data == "demo":
             classes = [str(c) for c in range(10)]
             train_dir, val_dir = "demo", (None if args.no_eval else "demo")
@@ -179,14 +185,16 @@ def run(args) -> int:
             load_weights(model, resolve_weights(args.init), purpose="init", partial=args.allow_partial,
                          log=print if info.main else (lambda _: None))
         demo_train, demo_val = args.demo_size or (None, None)
+        aug = _augment_config(args, recipe)
         train_set = build_dataset(str(train_dir), "train", img_size, train=True, demo_size=demo_train,
-                                  demo_cache=args.demo_cache)
+                                  demo_cache=args.demo_cache,
+                                  random_crop=(aug.scale, aug.ratio) if aug.random_crop else None,
+                                  crop_seed=args.seed)
         val_set = None
         if val_dir is not None:
             val_set = build_dataset(str(val_dir), "val", img_size, train=False, classes=getattr(train_set, "classes",
                                                                                               None),
                                     demo_size=demo_val, demo_cache=args.demo_cache)
-        aug = _augment_config(args, recipe)
         criterion = build_criterion(model, recipe.criterion, smoothing=aug.smoothing,
                                     distill=recipe.distill and not args.no_distill, budget=args.budget,
                                     budget_start=recipe.budget_start)
@@ -216,7 +224,7 @@ def run(args) -> int:
         method_params = get_method(args.method).params if args.method not in (None, "dense") else ()
         meta = {"model": args.model, "method": args.method or "dense", "recipe": recipe.name,
                 "keep_rate": keep, "data": args.data, "num_classes": len(classes), "img_size": img_size,
-                "model_kwargs": {k: v for k, v in kw.items() if k not in method_params},
+                "model_kwargs": {k: v for k, v in kw.items() if k not in method_params and k != "pretrained"},
                 "method_kwargs": {k: v for k, v in kw.items() if k in method_params},
                 "classes": list(getattr(train_set, "classes", None) or classes)}
         trainer = Trainer(model, criterion, train_set, val_set, cfg, info, meta)

@@ -60,6 +60,9 @@ def check_output_file(path: Path) -> None:
 
 
 def run(args) -> int:
+    from ..extras import require
+
+    require("plot", "dynavit viz", ("matplotlib",))
     import torch
 
     from ..registry import create_model

@@ -112,7 +112,8 @@ class Trainer:
                                         cfg.workers, pin_memory=self.device.type == "cuda")
         self.val_loader = (make_loader(val_set, cfg.batch_size, False, self.info.rank, self.info.world, cfg.seed,
                                        cfg.workers) if val_set is not None else None)
-        self.augment = TrainAugment(cfg.img_size, cfg.num_classes, cfg.augment)
+        self.augment = TrainAugment(cfg.img_size, cfg.num_classes, cfg.augment,
+                                    crop=not getattr(train_set, "crops_on_worker", False))
         micro = self.train_loader.sampler.steps_per_epoch()
         self.steps_per_epoch = micro // cfg.accum_steps
         if self.steps_per_epoch < 1:
