@@ -122,7 +122,10 @@ def test_tome_r_matches_gmacs(keep):
     assert manifest()[f"demo_vit_tome_{keep:g}"]["method_kwargs"]["r"] == r
     g = dynavit.count_gmacs(dynavit.create_model("demo_vit", method="tome", r=r))
     for other in (r - 1, r + 1):
-        g2 = dynavit.count_gmacs(dynavit.create_model("demo_vit", method="tome", r=other))
+        try:
+            g2 = dynavit.count_gmacs(dynavit.create_model("demo_vit", method="tome", r=other))
+        except dynavit.errors.ConfigError:  # r + 1 merges more tokens than the last blocks hold
+            continue
         assert abs(g - target) <= abs(g2 - target)
 
 
@@ -217,7 +220,9 @@ def test_demo_quick_smoke(tmp_path):
     for r in res["rows"]:
         assert {"method", "keep_rate", "top1", "gmacs", "img_per_s", "speedup"} <= set(r)
         assert 0 <= r["top1"] <= 100 and r["gmacs"] > 0 and r["img_per_s"] > 0
-    assert len(res["claims"]) == len(CLAIM_NAMES)
+    names = [c["name"] for c in res["claims"]]
+    dit_shipped = any(r["method"] == "dit" for r in res["rows"])
+    assert names == [n for n in CLAIM_NAMES if dit_shipped or n != "dit"]
     for png in ("tradeoff.png", "tokens.png", "diversity.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 

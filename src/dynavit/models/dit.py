@@ -262,8 +262,9 @@ class DiT(PyramidVisionTransformerV2):
         return (self.has_block(i, j) and self.stage_of[j] == i), (self.has_down(i, j) and j == self.starts[i + 1])
 
     def checkpoint_filter(self, sd: dict, prefix: str = "") -> dict:
-        """Called by `dynavit.load_checkpoint`: a PVTv2 state dict fills the off-route blocks from its own blocks."""
-        sd = dict(sd)
+        """Called by `dynavit.load_checkpoint`: any released PVTv2 layout (PVTv2's own filter) is converted, then a
+        PVTv2 state dict fills the off-route blocks from its own blocks."""
+        sd = dict(super().checkpoint_filter(sd) if not prefix else sd)
         have = {k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "grid.")}
         for name, src in self.grid_source.items():
             if name not in have:
