@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -99,11 +100,11 @@ def test_viz_with_shipped_method_assets_loads_backbone_and_predictors(tmp_path, 
     rc, out, err = cli(capsys, "viz", "--checkpoint", "demo_vit_dynamicvit_0.7", "--image", img, "--output",
                        tmp_path / "a.png")
     assert rc == 0, err
-    assert "(202 of 202 tensors)" in out and "warning" not in out + err
+    assert re.search(r"\((\d+) of \1 tensors\)", out) and "warning" not in out + err  # every tensor loaded
     assert "red.png: predicted '" in out  # the digit's class name, not an index
     rc, out, err = cli(capsys, "viz", "--checkpoint", "demo_vit", "--method", "dynamicvit", "--image", img,
                        "--output", tmp_path / "b.png")
-    assert rc == 0 and "warning: the method's 30 parameters" in out and "demo_vit_dynamicvit_0.7" in out
+    assert rc == 0 and "warning: the method's 30 parameters" in out and "--checkpoint demo_vit_dynamicvit_" in out
     rc, out, err = cli(capsys, "viz", "--model", "deit_tiny_patch16_224", "--checkpoint", "demo_vit", "--image", img)
     assert rc == 2 and "for model 'demo_vit', not 'deit_tiny_patch16_224'" in one_error_line(err)
     model = dynavit.assets.load_asset("demo_vit_dynamicvit_0.5")  # a method asset names its backbone

@@ -1,8 +1,8 @@
 """What `--checkpoint` / `--init` accept in every command, and the one rule for loading them.
 
 A weights argument is a file (.safetensors / .pth), a run directory (its `model.safetensors`, or the last
-checkpoint of an interrupted run) or the name of a shipped asset (`demo_vit`; a method asset such as
-`demo_vit_dynamicvit_0.7` names its backbone, which is loaded first). The model to build comes from the asset
+checkpoint of an interrupted run) or the name of a shipped asset (`demo_vit`, `demo_vit_dynamicvit_0.7`: a
+method asset carries its method, or, holding the method's parameters only, names its backbone, loaded first). The model to build comes from the asset
 or the run's `summary.json` when `--model` is omitted; a different `--model` is refused.
 
 Loading rule: every backbone weight must be loaded. The tensors a method adds to a dense model (DynamicViT's
@@ -157,7 +157,7 @@ def _method_assets(backbone: Optional[str], method: Optional[str]) -> list:
         return []
     from ..assets import manifest
 
-    return [n for n, e in manifest().items() if e.get("partial") and e.get("method") == method
+    return [n for n, e in manifest().items() if e.get("method") == method
             and (e.get("backbone") or (e.get("needs") or [None])[-1]) == backbone]
 
 
