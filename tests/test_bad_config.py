@@ -48,7 +48,7 @@ def test_bad_input_tensor(shape, dtype, method):
 
 
 def test_conv_stem_patch_size_and_pvt_pool_are_checked():
-    with pytest.raises(DynavitError, match="patch_size=8"):
-        dynavit.create_model("demo_vit", patch_size=8)
+    with pytest.raises(DynavitError, match="patch_size=6"):  # the stem makes k x 4-pixel patches (8 is valid)
+        dynavit.create_model("demo_vit", patch_size=6)
     with pytest.raises(DynavitError, match="'mean'"):
         dynavit.create_model("pvt_v2_b0", global_pool="mean")
