@@ -86,7 +86,8 @@ def main(root: Path) -> None:
         save_file(sd, str(out_dir / f"{name}.safetensors"))
         summary = json.loads((run / "summary.json").read_text())
         entry = dict(spec)
-        entry.update(file=f"{name}.safetensors", top1=summary.get("top1"), seconds=round(summary["seconds"]),
+        entry.update(classes=summary.get("classes") or [str(c) for c in range(10)], file=f"{name}.safetensors",
+                     top1=summary.get("top1"), seconds=round(summary["seconds"]),
                      steps=summary["steps"], images=summary["steps"] * summary["global_batch"],
                      trained_on="2-core CPU (AMD EPYC), torch 2.13.0, shared with other jobs",
                      classes=summary.get("classes") or [str(c) for c in range(10)])
