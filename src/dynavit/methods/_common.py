@@ -15,7 +15,7 @@ from ..reduction import TokenReducer
 from ..tokens import TokenState
 
 # EViT / BAT locations (0-based block indices): layers 4, 7, 10 of 12-block models. LV-ViT-S (16 blocks): 0-based
-# 4, 8, 12, the locations that reproduce the published GMACs (BAT 4.7 at 0.7; EViT 4.7 / 3.9 at 0.7 / 0.5); the
+# 4, 8, 12, the locations that reproduce the published GMACs (BAT 4.68 at 0.7; EViT 4.71 / 3.88 at 0.7 / 0.5); the
 # paper's "layers 4, 8, 12" read as 1-based (3, 7, 11) give 4.51 (docs/bat.md).
 _DEFAULT_LOCATIONS = {12: (3, 6, 9), 16: (4, 8, 12)}
 
