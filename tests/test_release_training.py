@@ -170,3 +170,37 @@ def test_early_policy_runs_the_first_blocks_with_the_smoothed_all_ones_policy():
         assert all(seen[i] is None for i in range(3))
     gap = float((logits[True] - logits[False]).detach().abs().max())
     assert 0 < gap < 1e-3, gap
+
+
+@pytest.mark.parametrize("mode", ["zero_lr", "no_grad"])
+def test_frozen_backbone_modes(tmp_path, mode):
+    """zero_lr (the release): the frozen backbone's weights stay while AdamW steps it (moments, step count);
+    no_grad (former): AdamW never sees it until it is released."""
+    from dynavit.train.engine import Trainer, TrainConfig
+    from test_data import make_image_folder
+
+    folder = make_image_folder(tmp_path / "imgs", n_train=2, n_val=1)
+    torch.manual_seed(0)
+    model = dynavit.create_model("vit", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32, num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(output=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-2, min_lr=1e-2,
+                      head_patterns=("head.*",), backbone_lr_scale=0.01, freeze_backbone_epochs=100.0,
+                      freeze_mode=mode, img_size=32, num_classes=3, augment=AugmentConfig.none(), workers=0,
+                      eval_every_epoch=False)
+    trainer = Trainer(model, build_criterion(model, "classification"), build_dataset(str(folder), "train", 32,
+                                                                                       train=True), None, cfg)
+    for _ in range(2):
+        batch = next(iter(trainer._epoch_batches()))
+        trainer._train_step(batch)
+    after = model.state_dict()
+    assert torch.equal(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    state = trainer.optimizer.state.get(model.blocks[0].attn.qkv.weight, {})
+    if mode == "zero_lr":
+        assert int(state["step"]) == 2 and float(state["exp_avg_sq"].abs().sum()) > 0
+    else:
+        assert state == {}
+    with pytest.raises(dynavit.errors.TrainingError, match="freeze_mode"):
+        Trainer(model, build_criterion(model, "classification"), build_dataset(str(folder), "train", 32, train=True),
+                None, TrainConfig(output=str(tmp_path / "bad"), freeze_mode="sgd", img_size=32, num_classes=3,
+                                  batch_size=2, workers=0))
