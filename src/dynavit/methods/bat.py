@@ -150,19 +150,13 @@ def spatial_keys(patch_to_token: Tensor, num_tokens: int, grid: Optional[tuple] 
     """
     B, N = patch_to_token.shape
     H, W = grid if grid is not None and grid[0] * grid[1] == N else _square(N)
-    dev = patch_to_token.device
-    idx = torch.arange(N, device=dev)
+    idx = torch.arange(N, device=patch_to_token.device).expand(B, N)
     valid = patch_to_token >= 0
     target = torch.where(valid, patch_to_token, num_tokens)  # pruned patches -> spill slot
-    w = valid.float()
-
-    def mean_of(v: Tensor) -> Tensor:
-        tot = torch.zeros(B, num_tokens + 1, device=dev).scatter_add_(1, target, v.float().expand(B, N) * w)
-        return tot[:, :num_tokens]
-    count = mean_of(torch.ones(N, device=dev)).clamp_min(1)
-    row = (mean_of(idx // W) / count).round().long()
-    col = (mean_of(idx % W) / count).round().long()
-    return _cluster.morton_key(row, col, max(H, W))
+    coords = torch.stack([idx // W, idx % W, torch.ones_like(idx)], dim=-1).float() * valid.unsqueeze(-1)  # (B, N, 3)
+    sums = coords.new_zeros(B, num_tokens + 1, 3).scatter_add_(1, target.unsqueeze(-1).expand(-1, -1, 3), coords)
+    centroid = (sums[:, :num_tokens, :2] / sums[:, :num_tokens, 2:].clamp_min(1)).round().long()  # (B, T, 2)
+    return _cluster.morton_key(centroid[..., 0], centroid[..., 1], max(H, W))
 
 
 def _square(n: int) -> tuple:
