@@ -216,9 +216,9 @@ def test_bat_recipes_have_the_published_values():
     from dynavit.train.recipes import get_recipe
 
     ft = get_recipe(None, "bat")
-    assert (ft.name, ft.epochs, ft.lr, ft.lr_batch, ft.min_lr, ft.warmup_epochs) == ("bat", 30, 4e-5, 1024, 2e-6, 0)
+    assert (ft.name, ft.epochs, ft.min_lr, ft.warmup_epochs, ft.weight_decay) == ("bat", 30, 2e-6, 0, 1e-6)
     assert ft.keep_schedule is None  # rho from the first step
-    assert ft.scaled_lr(1024)[0] == pytest.approx(4e-5)
+    assert ft.scaled_lr(1024)[0] == pytest.approx(4e-5)  # the logs: lr 4e-5 at batch 1024
     sc = get_recipe("bat_scratch")
     assert (sc.epochs, sc.lr, sc.lr_batch, sc.min_lr, sc.warmup_epochs, sc.weight_decay) == (300, 5e-4, 512, 1e-5, 5,
                                                                                               0.05)

@@ -76,8 +76,9 @@ RECIPES = {r.name: r for r in [
            "cosine 1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
            keep_schedule=_EVIT_SCHEDULE, method="evit"),
     Recipe("bat", "BAT fine-tune from a pretrained DeiT (the authors' logs for rho 0.2-0.6): 30 epochs, lr 4e-5 "
-           "x B/1024, cosine to 2e-6, no warm-up, wd 1e-6, keep rate rho from the first step (EViT's fine-tune)",
-           epochs=30, lr=4e-5, lr_batch=1024, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6, method="bat"),
+           "at batch 1024 (= 2e-5 x B/512), cosine to 2e-6, no warm-up, wd 1e-6, keep rate rho from the first step "
+           "(EViT's fine-tune)", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
+           method="bat"),
     Recipe("bat_scratch", "BAT from scratch (paper Sec. 5.1, the authors' rho 0.7 log): DeiT's 300 epochs, lr "
            "5e-4 x B/512, warm-up 5, min 1e-5, wd 0.05, keep rate 1 -> rho by cosine over the first 100 epochs",
            epochs=300, lr=5e-4, lr_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
