@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 CASES = {
     **FIXED_COUNT_METHODS,
-    "bat_pairs": dict(method="bat", keep_rate=0.5, pair_ratio=0.5),  # 4 matching rounds, 5 clusters
+    "bat_pairs": dict(method="bat", keep_rate=0.5, pair_ratio=0.5),  # 4 matching rounds, 4 clusters
     "topk": dict(method="topk", keep_rate=0.7),
     "random": dict(method="random", keep_rate=0.7),  # unseeded: a seeded one builds a Generator mid-forward
     "random_seeded": dict(method="random", keep_rate=0.7, seed=0),

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 torch.set_num_threads(1)
 from conftest import FIXED_COUNT_METHODS, TINY64_CFG as CFG
 
-# bat_pairs: several pairs and clusters per stage (4/2/1 pairs, 5/3/2 clusters), so the matching runs 4 rounds
+# bat_pairs: several pairs and clusters per stage (4/2/1 pairs, 4/2/1 clusters), so the matching runs 4 rounds
 CASES = {**FIXED_COUNT_METHODS, "bat_pairs": dict(method="bat", keep_rate=0.5, pair_ratio=0.5)}
 
 

@@ -27,7 +27,7 @@ def run(args) -> int:
         print(f"method:     {model.reducer!r}")
     print(f"params:     {params / 1e6:.2f} M")
     print(f"input:      {size}x{size}")
-    print(f"GMACs:      {gmacs:.2f}")
+    print(f"GMACs:      {gmacs:.3f}")
     summary = getattr(model, "cost_summary", None)
     if callable(summary):  # DiT: the routing space's costs next to the budget (docs/dit.md)
         c = summary()

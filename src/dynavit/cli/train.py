@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     g.add_argument("--epochs", type=number(float, ">0"), default=None, help="epochs (default: the recipe's)")
     g.add_argument("--max-steps", type=number(int, ">=1"), default=None, help="optimiser steps instead of epochs")
     p.add_argument("--recipe", default=None, help="dense | finetune | dynamicvit | dynamiccnn | dynamicswin | evit | "
-                   "bat | tome | dit (default: from --method)")
+                   "bat | bat_scratch | tome | dit (default: from --method)")
     p.add_argument("--batch-size", type=number(int, ">=1"), default=64,
                    help="images per process per micro-batch (default 64)")
     p.add_argument("--accum-steps", type=number(int, ">=1"), default=1,
@@ -42,9 +42,17 @@ def add_parser(sub) -> None:
     p.add_argument("--no-lr-scale", action="store_true", help="use --lr (or the recipe's lr) as given, unscaled")
     p.add_argument("--min-lr", type=number(float, ">=0"), default=None)
     p.add_argument("--warmup-epochs", type=number(float, ">=0"), default=None)
+    p.add_argument("--warmup-start", type=number(float, ">=0"), default=None, help="lr of the first warm-up step "
+                   "(default: the recipe's; 1e-6, DynamicViT 0)")
+    p.add_argument("--warmup-style", default=None, choices=["linear", "linspace"],
+                   help="warm-up ramp: linear (start + (lr - start) step / W) or linspace (np.linspace(start, lr, W), "
+                   "the DynamicViT release; default: the recipe's)")
     p.add_argument("--weight-decay", type=number(float, ">=0"), default=None)
     p.add_argument("--clip-grad", type=number(float, ">0"), default=None, help="max global gradient norm")
     p.add_argument("--freeze-backbone-epochs", type=number(float, ">=0"), default=None)
+    p.add_argument("--freeze-mode", default=None, choices=["no_grad", "zero_lr"],
+                   help="how the frozen backbone is held: no_grad (gradients dropped) or zero_lr (lr 0, AdamW moments "
+                   "still advance, the DynamicViT release; default: the recipe's)")
     p.add_argument("--ema-decay", type=number(float, ">=0"), default=None, help="model EMA decay in [0, 1) (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="mixed precision (auto: bf16 / fp16 on CUDA, off on CPU)")
@@ -215,6 +223,9 @@ def run(args) -> int:
             backbone_lr_scale=recipe.backbone_lr_scale, head_patterns=recipe.head_patterns,
             frozen_patterns=recipe.frozen_patterns,
             freeze_backbone_epochs=pick(args.freeze_backbone_epochs, recipe.freeze_backbone_epochs),
+            freeze_mode=pick(args.freeze_mode, recipe.freeze_mode),
+            warmup_start=pick(args.warmup_start, recipe.warmup_start),
+            warmup_style=pick(args.warmup_style, recipe.warmup_style),
             ema_decay=pick(args.ema_decay, recipe.ema_decay), amp=args.amp, seed=args.seed, img_size=img_size,
             num_classes=len(classes), augment=aug, keep_rate=keep,
             keep_schedule=recipe.keep_schedule if keep is not None else None, workers=args.workers,

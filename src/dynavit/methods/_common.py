@@ -14,8 +14,12 @@ from ..errors import ConfigError, check_keep_rate
 from ..reduction import TokenReducer
 from ..tokens import TokenState
 
-# EViT / BAT locations (0-based block indices): layers 4, 7, 10 of 12-block models; 4, 8, 12 of LV-ViT-S (16).
+# EViT / BAT locations (0-based block indices): layers 4, 7, 10 of 12-block models; 4, 8, 12 of 16-block ones read
+# as 1-based (3, 7, 11). LV-ViT-S's published GMACs (BAT 4.7, EViT 4.7 / 3.9) come from 0-based (4, 8, 12), which
+# `LVVIT_S_LOCATIONS` names; it is not the depth-16 default because the shipped demo_vit assets (depth 16) were
+# fine-tuned at (3, 7, 11) (docs/bat.md).
 _DEFAULT_LOCATIONS = {12: (3, 6, 9), 16: (3, 7, 11)}
+LVVIT_S_LOCATIONS = (4, 8, 12)
 
 
 def default_locations(depth: int) -> tuple:

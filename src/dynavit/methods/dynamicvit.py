@@ -160,11 +160,13 @@ class DynamicViT(TokenReducer):
     name = "dynamicvit"
 
     def __init__(self, num_patches: int, depth: int, keep_rate: Union[float, Sequence[float]] = 0.7,
-                 prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk"):
+                 prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk",
+                 early_policy: bool = False):
         if keep_mode not in KEEP_MODES:
             raise ConfigError(f"keep_mode must be one of {list(KEEP_MODES)}, got {keep_mode!r}")
         self.num_patches = num_patches  # N from the patch grid (the authors hard-coded 196)
         self.keep_mode = keep_mode
+        self.early_policy = bool(early_policy)  # training: all-ones policy before the first predictor (authors')
         if prune_locations is None:
             stages = len(keep_rate) if isinstance(keep_rate, (list, tuple)) and keep_rate else 3
             self.locations = default_locations(depth, stages)
@@ -184,6 +186,10 @@ class DynamicViT(TokenReducer):
 
     # ------------------------------------------------------------------ hooks
     def before_block(self, model: nn.Module, i: int, state: TokenState) -> TokenState:
+        if i == 0 and model.training and self.early_policy:
+            # the authors' training forward starts from an all-ones policy, so the blocks before the first
+            # predictor also run the eps-smoothed masked softmax (a 1e-6-level difference from a plain softmax)
+            state.policy = state.x.new_ones(state.x.shape[0], state.x.shape[1])
         s = self._stage_of.get(i)
         if s is None:
             return state
@@ -262,12 +268,14 @@ class DynamicViT(TokenReducer):
     def extra_repr(self) -> str:
         ratios = [round(r, 4) for r in self.keep_ratios]
         return (f"keep_ratios={ratios}, keep_counts={self.keep_counts}, locations={self.locations}, "
-                f"keep_mode={self.keep_mode!r}")
+                f"keep_mode={self.keep_mode!r}" + (", early_policy=True" if self.early_policy else ""))
 
 
-@register_method("dynamicvit", params=("keep_rate", "prune_locations", "keep_mode"), families=("vit",))
+@register_method("dynamicvit", params=("keep_rate", "prune_locations", "keep_mode", "early_policy"),
+                 families=("vit",))
 def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
-                     prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk") -> nn.Module:
+                     prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk",
+                     early_policy: bool = False) -> nn.Module:
     """DynamicViT: learned prediction modules prune tokens hierarchically (keep ratios rho, rho^2, rho^3).
 
     Args:
@@ -276,8 +284,10 @@ def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] 
             [5, 10, 15] at 20; in general depth * s / (S + 1)).
         keep_mode: 'topk' (the authors': int(N * ratio) tokens per image) or 'threshold' (per image, the tokens
             with keep probability > 0.5, padded per batch with an attention mask).
+        early_policy: training only: the blocks before the first predictor also run the eps-smoothed masked
+            softmax with an all-ones policy, as the authors' training forward does (docs/dynamicvit.md).
     """
-    reducer = DynamicViT(model.num_patches, len(model.blocks), keep_rate, prune_locations, keep_mode)
+    reducer = DynamicViT(model.num_patches, len(model.blocks), keep_rate, prune_locations, keep_mode, early_policy)
     ref = next(model.parameters())
     model.score_predictor = nn.ModuleList(ScorePredictor(model.embed_dim) for _ in reducer.locations).to(
         device=ref.device, dtype=ref.dtype)

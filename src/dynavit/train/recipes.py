@@ -22,6 +22,8 @@ class Recipe:
     min_lr: float
     warmup_epochs: float
     weight_decay: float
+    warmup_start: float = 1e-6  # lr at the first warm-up step
+    warmup_style: str = "linear"  # linear | linspace (see optim.cosine_lr)
     augment: str = "deit"  # deit | light | none (see data.transforms.AugmentConfig)
     criterion: str = "classification"  # classification | dynamicvit | dynamic_hier | budget
     distill: bool = False  # DynamicViT: dense teacher distillation
@@ -29,6 +31,7 @@ class Recipe:
     head_patterns: tuple = ()
     frozen_patterns: tuple = ()
     freeze_backbone_epochs: float = 0.0
+    freeze_mode: str = "no_grad"  # no_grad | zero_lr (see engine.FREEZE_MODES)
     ema_decay: float = 0.0
     clip_grad: Optional[float] = None
     keep_schedule: Optional[tuple] = None  # (start, length) fractions of training for the keep-rate cosine
@@ -43,21 +46,24 @@ class Recipe:
         return scaled, f"lr = {base:g} x global batch {global_batch} / {self.lr_batch} = {scaled:.3g}"
 
 
-# EViT trains 300 epochs with the keep rate at 1 for 10 epochs, then a cosine to rho over 100 epochs: the same
-# fractions of training are used for every recipe with a keep-rate schedule.
+# EViT trains 300 epochs with the keep rate at 1 for 10 epochs, then a cosine to rho over 100 epochs; its
+# fine-tune keeps rho from the first step (shrink_start_epoch 0, shrink_epochs 0).
 _EVIT_SCHEDULE = (10 / 300, 100 / 300)
+# BAT from scratch (paper Sec. 5.1): "the keep rate decreases from 1 to the target over 100 epochs" of 300.
+_BAT_SCHEDULE = (0.0, 100 / 300)
 
 RECIPES = {r.name: r for r in [
     Recipe("dense", "DeiT from scratch: 300 epochs, AdamW, lr 5e-4 x B/512, cosine, warm-up 5, full DeiT augmentation",
            epochs=300, lr=5e-4, lr_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05),
     Recipe("finetune", "dense fine-tune (DeiT at a new resolution / dataset): 30 epochs, lr 5e-6 x B/512, wd 1e-8",
            epochs=30, lr=5e-6, lr_batch=512, min_lr=1e-6, warmup_epochs=0, weight_decay=1e-8),
-    Recipe("dynamicvit", "DynamicViT (METHODS 3.3): 30 epochs from a pretrained dense model, lr 1e-3 x B/1024, "
-           "backbone lr x 0.01 and frozen for 5 epochs, cls_token / pos_embed fixed, dense teacher "
-           "distillation, EMA", epochs=30, lr=1e-3, lr_batch=1024, min_lr=1e-6, warmup_epochs=5,
-           weight_decay=0.05, criterion="dynamicvit", distill=True, backbone_lr_scale=0.01,
-           head_patterns=("score_predictor.*",), frozen_patterns=("cls_token", "pos_embed"),
-           freeze_backbone_epochs=5, ema_decay=0.99996, method="dynamicvit"),
+    Recipe("dynamicvit", "DynamicViT, as the authors' current release (commit 1322e62): 30 epochs from a "
+           "pretrained dense model, lr 1e-3 x B/1024, warm-up 5 epochs from lr 0 (np.linspace per step), backbone "
+           "lr x 0.01 and lr 0 for 5 epochs (AdamW still steps it), cls_token / pos_embed fixed, dense teacher "
+           "distillation, EMA 0.9999", epochs=30, lr=1e-3, lr_batch=1024, min_lr=1e-6, warmup_epochs=5,
+           weight_decay=0.05, warmup_start=0.0, warmup_style="linspace", criterion="dynamicvit", distill=True,
+           backbone_lr_scale=0.01, head_patterns=("score_predictor.*",), frozen_patterns=("cls_token", "pos_embed"),
+           freeze_backbone_epochs=5, freeze_mode="zero_lr", ema_decay=0.9999, method="dynamicvit"),
     *[Recipe(name, f"{label} (TPAMI, the authors' README; METHODS 3.4): 120 epochs from a pretrained dense model, "
              "lr 4e-3 x B/4096, warm-up 20, backbone lr x 0.2 and frozen for 5 epochs, dense teacher distillation "
              "(ratio weight 10, token MSE), EMA 0.9999; the authors also set drop path 0.2 (0.5 for -B): "
@@ -69,9 +75,14 @@ RECIPES = {r.name: r for r in [
     Recipe("evit", "EViT fine-tune (BAT paper's 30-epoch recipe): lr 2e-5 x B/512, min 2e-6, wd 1e-6, keep-rate "
            "cosine 1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
            keep_schedule=_EVIT_SCHEDULE, method="evit"),
-    Recipe("bat", "BAT fine-tune (METHODS 5): as EViT, lr 2e-5 x B/512, min 2e-6, wd 1e-6, keep-rate cosine "
-           "1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
-           keep_schedule=_EVIT_SCHEDULE, method="bat"),
+    Recipe("bat", "BAT fine-tune from a pretrained DeiT (the authors' logs for rho 0.2-0.6): 30 epochs, lr 4e-5 "
+           "at batch 1024 (= 2e-5 x B/512), cosine to 2e-6, no warm-up, wd 1e-6, keep rate rho from the first step "
+           "(EViT's fine-tune)", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
+           method="bat"),
+    Recipe("bat_scratch", "BAT from scratch (paper Sec. 5.1, the authors' rho 0.7 log): DeiT's 300 epochs, lr "
+           "5e-4 x B/512, warm-up 5, min 1e-5, wd 0.05, keep rate 1 -> rho by cosine over the first 100 epochs",
+           epochs=300, lr=5e-4, lr_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
+           keep_schedule=_BAT_SCHEDULE, method="bat"),
     Recipe("tome", "ToMe fine-tune (off the shelf needs no training: use `dynavit eval`): the EViT/BAT fine-tune "
            "hyperparameters with a fixed r", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0,
            weight_decay=1e-6, method="tome"),
