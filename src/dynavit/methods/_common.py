@@ -14,16 +14,15 @@ from ..errors import ConfigError, check_keep_rate
 from ..reduction import TokenReducer
 from ..tokens import TokenState
 
-# EViT / BAT locations (0-based block indices): layers 4, 7, 10 of 12-block models; 4, 8, 12 of 16-block ones read
-# as 1-based (3, 7, 11). LV-ViT-S's published GMACs (BAT 4.7, EViT 4.7 / 3.9) come from 0-based (4, 8, 12), which
-# `LVVIT_S_LOCATIONS` names; it is not the depth-16 default because the shipped demo_vit assets (depth 16) were
-# fine-tuned at (3, 7, 11) (docs/bat.md).
-_DEFAULT_LOCATIONS = {12: (3, 6, 9), 16: (3, 7, 11)}
+# EViT / BAT locations (0-based block indices): layers 4, 7, 10 of 12-block models; at depth 16 (LV-ViT-S) the
+# 0-based (4, 8, 12) that reproduce the published GMACs (BAT 4.7, EViT 4.7 / 3.9; (3, 7, 11) gives 4.51), named
+# `LVVIT_S_LOCATIONS` (docs/bat.md). The demo backbone is 12 blocks deep, so its assets are not affected.
 LVVIT_S_LOCATIONS = (4, 8, 12)
+_DEFAULT_LOCATIONS = {12: (3, 6, 9), 16: LVVIT_S_LOCATIONS}
 
 
 def default_locations(depth: int) -> tuple:
-    """[3, 6, 9] at depth 12, [3, 7, 11] at 16 (BAT Sec. 5.1), else the quarter points of the depth."""
+    """[3, 6, 9] at depth 12, [4, 8, 12] at 16 (LV-ViT-S's published GMACs), else the quarter points of the depth."""
     if depth in _DEFAULT_LOCATIONS:
         return _DEFAULT_LOCATIONS[depth]
     return tuple(sorted({max(1, depth * q // 4) for q in (1, 2, 3)}))

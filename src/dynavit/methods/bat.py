@@ -1,6 +1,6 @@
 """BAT, "Beyond Attentive Tokens" (Long et al., CVPR 2023): token splitting and merging (docs/bat.md).
 
-Inside blocks [3, 6, 9] (12-block models) or [3, 7, 11] (depth 16; LV-ViT-S's published GMACs: [4, 8, 12]):
+Inside blocks [3, 6, 9] (12-block models) or [4, 8, 12] (depth 16: LV-ViT-S's published GMACs):
 1. split (Eq. 5): the K = ceil(rho * T) tokens with the highest head-averaged class attention are attentive;
 2. inattentive tokens are clustered by density peaks without iterations (Eqs. 6-7, `_cluster.dpc_cluster`);
 3. the p most cosine-similar disjoint pairs of attentive tokens are matched;
@@ -335,7 +335,7 @@ def apply_bat(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
 
     Args:
         keep_rate: rho in (0, 1] (or one per location); `model.reducer.set_keep_rate` changes it at run time.
-        locations: blocks acting between attention and MLP (default [3, 6, 9] at depth 12, [3, 7, 11] at 16;
+        locations: blocks acting between attention and MLP (default [3, 6, 9] at depth 12, [4, 8, 12] at 16;
             LV-ViT-S's published GMACs need [4, 8, 12]).
         **config: `BATConfig` fields (pair_ratio, num_clusters, budget, variant, merger, subsample_kernel,
             density, knn_k, sigma, assign, kmeans_iters, merge_weight, normalize_merge, feature); see docs/bat.md.

@@ -70,7 +70,7 @@ def apply_evit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
 
     Args:
         keep_rate: rho in (0, 1] (or one per location); change it later with `model.reducer.set_keep_rate`.
-        locations: blocks acting between attention and MLP (default [3, 6, 9] at depth 12, [3, 7, 11] at 16).
+        locations: blocks acting between attention and MLP (default [3, 6, 9] at depth 12, [4, 8, 12] at 16).
         fuse: fuse the inattentive tokens into one (True, EViT) or drop them (False).
     """
     model.reducer = EViTReducer(len(model.blocks), keep_rate, locations, fuse)
