@@ -84,7 +84,7 @@ def test_dit_starts_from_its_pvt_v2_twin(hf_home):
         dit = dynavit.create_model("dit_b0", pretrained=True)
     assert dit.pretrained_weights == "timm/pvt_v2_b0.in1k"
     assert torch.equal(dit.stages[3].blocks[1].mlp.fc2.weight, src.stages[3].blocks[1].mlp.fc2.weight)
-    dit.force_gates("open")  # every token through every block: the dense twin
+    dit.force_gates("pvt_v2")  # every token on PVTv2's route: the dense twin
     x = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(_logits(dit, x), _logits(src, x), atol=1e-5, rtol=1e-5)
 
