@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, check_image_batch
 from ..layers import DropPath
 from ..registry import register_model
 
@@ -184,11 +184,7 @@ class PyramidVisionTransformerV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise InputError(f"expected an image batch (B, {self.in_chans}, H, W), got {shape}")
-        if not x.is_floating_point():
-            raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}")
+        check_image_batch(x, self.in_chans)
         if x.shape[2] < 32 or x.shape[3] < 32:
             raise InputError(f"PVTv2 needs images of at least 32x32, got {x.shape[2]}x{x.shape[3]}")
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, check_image_batch
 from ..hier import MapContext
 from ..layers import DropPath, Mlp
 from ..registry import register_model
@@ -264,11 +264,7 @@ class SwinTransformer(nn.Module):
         return convert_timm_swin(sd) if timm else sd
 
     def check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise InputError(f"expected an image batch (B, {self.in_chans}, H, W), got {shape}")
-        if not x.is_floating_point():
-            raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}")
+        check_image_batch(x, self.in_chans)
         if tuple(x.shape[2:]) != (self.img_size, self.img_size):
             raise InputError(f"this Swin model takes {self.img_size}x{self.img_size} images (its window masks are "
                              f"built for that size), got {x.shape[2]}x{x.shape[3]}; resize the input or build the "
