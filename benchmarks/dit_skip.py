@@ -17,10 +17,10 @@ import statistics
 import sys
 import time
 
-_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
-if os.environ.get("GLIBC_TUNABLES") != _TUNABLES and "--no-reexec" not in sys.argv:
-    os.environ["GLIBC_TUNABLES"] = _TUNABLES  # METHODS 8: malloc page faults otherwise add 10-35% noise
-    os.execv(sys.executable, [sys.executable] + sys.argv + ["--no-reexec"])
+from dynavit.timing import malloc_tunables_on, reexec_with_malloc_tunables  # noqa: E402
+
+if "--no-reexec" not in sys.argv:  # docs/methods.md section 8: malloc page faults otherwise add 10-35% noise
+    reexec_with_malloc_tunables(sys.argv)
 
 import torch  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
     ref = statistics.median(times["all open (dense twin)"])
     full = model.full_gmacs((args.img_size, args.img_size))
     print(f"{args.model} @ {args.img_size}, batch {args.batch}, fp32, {args.threads} thread(s), "
-          f"GLIBC_TUNABLES {'on' if os.environ.get('GLIBC_TUNABLES') == _TUNABLES else 'off'}, "
+          f"GLIBC_TUNABLES {'on' if malloc_tunables_on() else 'off'}, "
           f"median of {args.repeats}; full GMACs {full:.3f}")
     print(f"{'scenario':<24}{'GMACs/img':>10}{'exec/img':>10}{'GMAC ratio':>11}{'ms/batch':>10}{'time ratio':>11}"
           f"{'tokens run/img':>15}")

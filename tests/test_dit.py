@@ -12,15 +12,6 @@ from dynavit.losses_dit import DiTBudgetLoss
 from dynavit.models.dit import dwconv_at
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster than 2 on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def twins(img_size: int = 64):
     """A dense pvt_v2_tiny and a dit_tiny holding the same weights (DiT adds only its gates)."""
     dense = dynavit.create_model("pvt_v2_tiny", img_size=img_size).eval()
@@ -40,7 +31,7 @@ def randomise_gates(dit, seed: int = 1):
 
 
 def test_pvt_v2_variants_match_published_size():
-    """PVTv2-B0 / B1: params and GMACs at 224 as in METHODS 7 (3.7M / 0.57, 14.0M / 2.11)."""
+    """PVTv2-B0 / B1: params and GMACs at 224 as in docs/methods.md 7 (3.7M / 0.57, 14.0M / 2.11)."""
     for name, params, gmacs in [("pvt_v2_b0", 3.7, 0.57), ("pvt_v2_b1", 14.0, 2.11)]:
         model = dynavit.create_model(name)
         assert model.family == "pvt_v2"
@@ -54,7 +45,7 @@ def test_pvt_v2_variants_match_published_size():
 def test_create_dit_with_budget_and_full_cost_is_the_twin():
     model = dynavit.create_model("dit_b2", budget=0.5)
     assert model.family == "dit" and model.budget == 0.5 and len(model.gates) == 3 + 4 + 6 + 3
-    assert model.full_gmacs() == pytest.approx(4.027, abs=0.001)  # PVTv2-B2, METHODS 7: 4.03
+    assert model.full_gmacs() == pytest.approx(4.027, abs=0.001)  # PVTv2-B2, docs/methods.md 7: 4.03
     with pytest.raises(ConfigError, match="budget"):
         dynavit.create_model("dit_tiny", budget=1.5)
     with pytest.raises(ConfigError, match="unknown node"):

@@ -1,4 +1,6 @@
-"""DiT's budget constraint (docs/dit.md section 3): w * (E_batch[GMACs] / GMACs_full - budget)^2 after a warm-up."""
+"""DiT's training loss (docs/dit.md section 3): classification plus the budget constraint
+w * (E_batch[GMACs] / GMACs_full - budget)^2 after a warm-up. `dit_criterion` is what `dynavit train` builds for a
+DiT model (the DiT family spec's criterion factory, registered in `dynavit.models.dit`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .losses import classification_loss
 from .models.dit import budget_loss, check_budget
 from .tokens import ReductionInfo
 
@@ -37,3 +40,38 @@ class DiTBudgetLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, weight={self.weight}, warmup={self.warmup}"
+
+
+class BudgetCriterion(nn.Module):
+    """Classification plus a budget loss, switched on after `start` of training (docs/dit.md section 3).
+
+    `needs_info`: the engine calls the model with `return_info=True`, so `outputs` is (logits, ReductionInfo).
+    """
+
+    needs_info = True
+
+    def __init__(self, budget_loss: nn.Module, smoothing: float = 0.0, start: float = 0.4):
+        super().__init__()
+        self.smoothing = smoothing
+        self.budget_loss, self.start, self.enabled = budget_loss, float(start), start <= 0
+        self.last_parts: dict = {}
+
+    def set_progress(self, fraction: float) -> None:
+        self.enabled = fraction >= self.start
+
+    def forward(self, images: Tensor, outputs, target: Tensor) -> Tensor:
+        logits, info = outputs if isinstance(outputs, tuple) else (outputs, None)
+        loss = classification_loss(getattr(logits, "logits", logits), target, self.smoothing)
+        self.last_parts = {"cls": loss.detach()}
+        if self.enabled:
+            if info is None:
+                raise ConfigError("the budget loss needs the routing info: call the model with return_info=True")
+            budget = self.budget_loss(info)
+            self.last_parts["budget"] = budget.detach()
+            loss = loss + budget
+        return loss
+
+
+def dit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = False, start: float = 0.4) -> nn.Module:
+    """Classification + the budget loss at the model's own budget (`info.extra['budget']`), on after `start`."""
+    return BudgetCriterion(DiTBudgetLoss(), smoothing, start)

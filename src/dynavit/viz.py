@@ -1,15 +1,17 @@
-"""Pictures of what a method did to an image: kept / pruned patches, merged groups, DiT routing.
+"""Pictures of what a method did to an image: kept / pruned patches, merged groups, a model family's own view.
 
 Everything is drawn from the `ReductionInfo` a forward returns with `return_info=True`, so one function serves
 every method: `info.patch_to_token[stage]` says which token holds each original patch (-1 once pruned). Pruned
-patches are faded to white (DynamicViT's figure), patches that share a token with others are tinted with the
-group's colour and outlined (BAT's Figure 5, ToMe's merged groups, EViT's fused token), and single-patch tokens
-are left as they are. DiT's routing is drawn as the number of blocks each location went through.
+patches are faded to white, patches that share a token with others (merged groups, a fused token) are tinted
+with the group's colour and outlined, and single-patch tokens are left as they are. A model that draws itself
+differently (a routed model family) defines `viz_panels(info, b, image) -> [(title, kind, payload), ...]` with
+kinds 'image', 'overlay' or 'heatmap' (docs/writing-a-method.md).
 
 matplotlib is an optional dependency (`pip install dynavit[plot]`); it is imported when a figure is drawn.
 """
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,8 +34,6 @@ def to_uint8_image(x: Tensor) -> np.ndarray:
 
 def group_colors(num: int, seed: int = 0) -> np.ndarray:
     """`num` well-separated RGB colours in [0, 1] (golden-ratio hues, fixed per seed)."""
-    import colorsys
-
     rng = np.random.default_rng(seed)
     start = rng.random()
     return np.array([colorsys.hsv_to_rgb((start + 0.618034 * i) % 1.0, 0.85, 0.95) for i in range(num)])
@@ -70,17 +70,11 @@ def token_overlay(image: np.ndarray, patch_to_token: Tensor, grid: tuple, tint: 
     return out
 
 
-def routing_depth(info, grid: tuple) -> Tensor:
-    """DiT: (B, gh, gw) number of routing nodes (blocks) run for each finest-scale location."""
-    runs = torch.stack([(p2t >= 0).float() for p2t in info.patch_to_token], 0).sum(0)  # (B, N0)
-    return runs.view(runs.shape[0], *grid)
-
-
-def draw_routing(ax, image: np.ndarray, depth: Tensor, max_depth: int) -> None:
-    """Blocks run per location (DiT) as a heat map over the image."""
+def draw_heatmap(ax, image: np.ndarray, values: Tensor, vmax: float) -> None:
+    """A (gh, gw) map of values (e.g. blocks run per location) over the image."""
     ax.imshow(image)
     H, W = image.shape[:2]
-    ax.imshow(depth.cpu().numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=max_depth, extent=(0, W, H, 0),
+    ax.imshow(values.cpu().numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=vmax, extent=(0, W, H, 0),
               interpolation="nearest")
 
 
@@ -92,12 +86,10 @@ def describe(patch_to_token: Tensor) -> str:
     return f"{len(ids)} tokens" + (f", {merged} merged" if merged else "")
 
 
-def model_grid(model) -> tuple:
-    """The (rows, cols) patch grid of a ViT or the finest DiT scale."""
-    if hasattr(model, "grid_size"):
-        return tuple(model.grid_size)
-    size = getattr(model, "img_size", 224)
-    return (size // 4, size // 4)  # PVTv2 / DiT: stride-4 stem
+def stage_panels(info, b: int, image: np.ndarray, grid: tuple) -> list:
+    """One overlay panel per reduction stage of image b (what every token-reduction method draws)."""
+    return [(f"stage {s + 1}: {describe(p2t[b])}", "overlay", token_overlay(image, p2t[b], grid))
+            for s, p2t in enumerate(info.patch_to_token)]
 
 
 def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
@@ -109,19 +101,15 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
     with torch.no_grad():
         logits, info = model(x, return_info=True)
     pred = logits.argmax(-1)
-    grid = model_grid(model)
+    own = getattr(model, "viz_panels", None)
     out = []
     for b in range(x.shape[0]):
         image = to_uint8_image(x[b])
         panels = [(f"input" + (f" ({labels[b]})" if labels else ""), "image", image)]
-        if "gmacs_full" in info.extra:  # DiT routing
-            depth = routing_depth(info, grid)[b]
-            panels.append((f"DiT: blocks run, {float(info.extra['gmacs'][b]):.3f} GMACs", "routing",
-                           (image, depth, len(info.patch_to_token))))
-        else:
-            for s, p2t in enumerate(info.patch_to_token):
-                panels.append((f"stage {s + 1}: {describe(p2t[b])}", "overlay",
-                                token_overlay(image, p2t[b], grid)))
+        if callable(own):
+            panels += own(info, b, image)
+        elif info.patch_to_token:
+            panels += stage_panels(info, b, image, tuple(model.grid_size))
         k = int(pred[b])
         name = class_names[k] if class_names is not None and k < len(class_names) else k
         panels[-1] = (panels[-1][0] + f"\npredicted {name}", *panels[-1][1:])
@@ -130,8 +118,8 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
 
 
 def draw_panel(ax, title: str, kind: str, payload) -> None:
-    if kind == "routing":
-        draw_routing(ax, *payload)
+    if kind == "heatmap":
+        draw_heatmap(ax, *payload)
     else:
         ax.imshow(payload)
     ax.set_title(title, fontsize=7.5)
@@ -193,7 +181,7 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
-    markers = {"dense": "*", "dynamicvit": "o", "evit": "s", "bat": "D", "tome": "^", "dit": "P"}
+    markers = iter("osD^Pv<>ph" * 4)  # one marker per curve, in order of appearance
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -202,7 +190,7 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
                     zorder=5)
             continue
         pts = sorted(mine + ([dense] if dense else []), key=lambda r: r["gmacs"])  # each curve starts at dense
-        line, = ax.plot([r["gmacs"] for r in pts], [r["top1"] for r in pts], marker=markers.get(method, "o"),
+        line, = ax.plot([r["gmacs"] for r in pts], [r["top1"] for r in pts], marker=next(markers),
                         ms=7, label=method)
         for r in mine:
             text = f"r={r['r']}" if r.get("r") else f"{r['keep_rate']:g}"
@@ -213,7 +201,7 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
     return path
 
 
-def plot_diversity(curves: dict, path, title: str = "token diversity (BAT Eq. 4)") -> Path:
+def plot_diversity(curves: dict, path, title: str = "token diversity of the final tokens") -> Path:
     """curves: {method: [(keep_rate, mean diversity), ...]} -> a line plot."""
     plt = _pyplot()
 

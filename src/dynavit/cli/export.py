@@ -22,7 +22,7 @@ def run(args) -> int:
     from ..export import export_onnx
     from ..registry import create_model
     from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
-    from .viz import check_output_file
+    from ._common import check_output_file
 
     check_output_file(Path(args.onnx))
     w = resolve_weights(args.checkpoint) if args.checkpoint else None

@@ -1,9 +1,11 @@
-"""`dynavit info MODEL [--method M --keep-rate R]`: parameters, GMACs and tokens per stage."""
+"""`dynavit info MODEL [--method M --keep-rate R]`: parameters, GMACs, tokens per stage and the info fields."""
 from __future__ import annotations
 
 import torch
 
-from ._common import add_model_args, build_model
+from ..flops import count_gmacs
+from ..registry import spec_for
+from ._common import add_model_args, build_model, label
 
 
 def add_parser(sub) -> None:
@@ -13,8 +15,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..flops import count_gmacs
-
     model = build_model(args).eval()
     params = sum(p.numel() for p in model.parameters())
     size = getattr(model, "img_size", 224)
@@ -22,7 +22,7 @@ def run(args) -> int:
     with torch.no_grad():
         _, info = model(x, return_info=True)
     gmacs = count_gmacs(model, x)
-    print(f"model:      {args.model}" + (f" + {args.method}" if args.method else " (dense)"))
+    print(f"model:      {label(args)}")
     if getattr(model, "reducer", None) is not None:
         print(f"method:     {model.reducer!r}")
     print(f"params:     {params / 1e6:.2f} M")
@@ -30,8 +30,13 @@ def run(args) -> int:
     print(f"GMACs:      {gmacs:.2f}")
     n = getattr(model, "num_patches", None)
     counts = list(info.token_counts)
-    print(f"tokens:     {n} patches" + (f" -> per stage {' / '.join(str(c) for c in counts)}" if counts else
-                                        " (no reduction)"))
-    if "gmacs" in info.extra:
-        print(f"routing:    {info.extra['gmacs']}")
+    if n is not None:
+        print(f"tokens:     {n} patches" + (f" -> per stage {' / '.join(str(c) for c in counts)}" if counts else
+                                            " (no reduction)"))
+    for line in getattr(model, "info_lines", lambda info: [])(info):  # a model family's own report
+        print(line)
+    spec = spec_for(args.model, args.method)
+    fields = spec.info_fields if spec is not None else {}
+    for key in info.extra:
+        print(f"info.extra  {key}: {fields.get(key, '(undocumented)')}")
     return 0

@@ -1,20 +1,33 @@
-"""`dynavit models`: list registered backbones and token-reduction methods."""
+"""`dynavit models`: list registered backbones, token-reduction methods, model families and recipes."""
 from __future__ import annotations
+
+from ..recipes import all_recipes
+from ..registry import list_families, list_methods, list_models
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("models", help="list models and methods")
+    p = sub.add_parser("models", help="list models, methods and recipes")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..registry import list_methods, list_models
+def _summary(doc: str) -> str:
+    return doc.splitlines()[0] if doc else ""
 
+
+def run(args) -> int:
     print("models:")
     for name in list_models():
         print(f"  {name}")
-    print("methods:")
+    print("methods (SPEC NAME:VALUE sets the first parameter):")
     for name, spec in list_methods().items():
-        summary = spec.doc.splitlines()[0] if spec.doc else ""
-        print(f"  {name:<12} params: {', '.join(spec.params) or '-':<40} {summary}")
+        recipe = spec.recipe.name if spec.recipe else "finetune"
+        print(f"  {name:<12} params: {', '.join(spec.params) or '-':<40} recipe: {recipe:<10} {_summary(spec.doc)}")
+    families = list_families()
+    if families:
+        print("model families (SPEC NAME:VALUE builds the family's twin of --model):")
+        for name, spec in families.items():
+            print(f"  {name:<12} params: {', '.join(spec.params) or '-':<40} {_summary(spec.doc)}")
+    print("recipes:")
+    for name, recipe in all_recipes().items():
+        print(f"  {name:<12} {recipe.doc}")
     return 0

@@ -1,7 +1,7 @@
 """`dynavit viz --model M --method X --checkpoint C --image PATH [--output PNG]`: draw what a method did to an image.
 
-Pruned patches are faded, merged groups coloured (one colour per token), DiT's routing shown as blocks run per
-location; one panel per reduction stage. `--checkpoint` takes a file, a run directory or the name of a shipped
+Pruned patches are faded, merged groups coloured (one colour per token); one panel per reduction stage, or the
+panels a model family draws itself (`viz_panels`, e.g. blocks run per location). `--checkpoint` takes a file, a run directory or the name of a shipped
 asset (e.g. `demo_vit`, or `demo_vit_dynamicvit_0.7`, which loads its backbone too); the model, method and class
 count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
 arbitrary). The predicted class of each image is printed, by name when the run saved its class names.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_model_args
+from ._common import add_model_args, check_output_file
 from ._weights import add_weights_args
 
 
@@ -39,23 +39,6 @@ def load_image(path: str, img_size: int):
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"cannot read image {str(p)!r}: {e}") from None
     return eval_batch(x.unsqueeze(0), img_size)
-
-
-def check_output_file(path: Path) -> None:
-    """An output file must be writable: its folder exists (or can be made) and accepts a new file."""
-    import os
-
-    from ..errors import OutputError
-
-    if path.is_dir():
-        raise OutputError(f"--output {str(path)!r} is a folder; give a file name such as {str(path / 'tokens.png')!r}")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the folder of --output {str(path)!r}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OutputError(f"cannot write --output {str(path)!r}: permission denied (choose another folder)")
 
 
 def run(args) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import CheckpointNotFoundError, DataError
@@ -70,8 +71,6 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image, UnidentifiedImageError
-
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:

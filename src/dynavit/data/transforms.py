@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,9 +29,6 @@ def resize_size(img_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
 
 def pil_resize_center_crop(img, resize: int, crop: int):
     """PIL image -> uint8 tensor (3, crop, crop): shorter side to `resize` (bicubic), then a centre crop."""
-    import numpy as np
-    from PIL import Image
-
     img = img.convert("RGB")
     w, h = img.size
     scale = resize / min(w, h)

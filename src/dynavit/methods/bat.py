@@ -1,4 +1,4 @@
-"""BAT, "Beyond Attentive Tokens" (Long et al., CVPR 2023): token splitting and merging (METHODS 5).
+"""BAT, "Beyond Attentive Tokens" (Long et al., CVPR 2023): token splitting and merging (docs/methods.md 5).
 
 Inside blocks [3, 6, 9] (12-block models) or [3, 7, 11] (LV-ViT-S), between attention and MLP:
 1. split (Eq. 5): the K = ceil(rho * T) tokens with the highest head-averaged class attention are attentive;
@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..ops import argsort_desc
+from ..recipes import Recipe
 from ..registry import register_method
 from ..tokens import TokenState, gather_tokens, merge_tokens
 from . import _cluster
-from ._common import StageReducer, keep_count, patch_scores, record_extra
+from ._common import KEEP_SCHEDULE, StageReducer, keep_count, patch_scores, record_extra
 
 VARIANTS = ("full", "cluster", "pack", "attentive")
 MERGERS = ("dpc", "kmeans", "pool")
@@ -128,7 +130,7 @@ def bat_plan(feat: Tensor, scores: Tensor, K: int, p: int, n: int, cfg: BATConfi
     """
     B, T = scores.shape
     dev = scores.device
-    order = _cluster.argsort_desc(scores)  # (B, T)
+    order = argsort_desc(scores)  # (B, T)
     attentive, inattentive = order[:, :K], order[:, K:]
     M = T - K
     pairs = (_cluster.greedy_pairs(gather_tokens(feat, attentive), p) if p > 0
@@ -178,8 +180,6 @@ class BATReducer(StageReducer):
                keep_rate: float) -> TokenState:
         cfg = self.config
         K, p, n = stage_counts(state.num_tokens, keep_rate, cfg)
-        if K >= state.num_tokens:
-            return state
         scores = patch_scores(state, cls_attn)  # (B, T)
         P = state.num_prefix
         feat = state.x[:, P:] if cfg.feature == "tokens" else keys[:, P:]
@@ -197,7 +197,14 @@ class BATReducer(StageReducer):
 _PARAMS = ("keep_rate", "locations") + tuple(BATConfig.__dataclass_fields__)
 
 
-@register_method("bat", params=_PARAMS, families=("vit",))
+RECIPE = Recipe("bat", "BAT fine-tune (docs/methods.md 5): as EViT, lr 2e-5 x B/512, min 2e-6, wd 1e-6, keep-rate "
+                "cosine 1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
+                keep_schedule=KEEP_SCHEDULE)
+
+
+@register_method("bat", params=_PARAMS, families=("vit",), recipe=RECIPE,
+                 attention_extras=("need_cls_attn", "need_keys"), identity={"keep_rate": 1.0},
+                 info_fields={"bat": "per stage, the BATPlan: group of every token, attentive tokens, pairs, clusters"})
 def apply_bat(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
               locations: Optional[Sequence[int]] = None, **config) -> nn.Module:
     """BAT: split tokens by class attention, cluster the inattentive ones (DPC), match attentive pairs.

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..recipes import Recipe
+from ..registry import FamilySpec, register_model_family
 from ..tokens import ReductionInfo, gather_tokens
 from .pvt_v2 import PvtBlock, PyramidVisionTransformerV2, Size, register_family, to_map, to_tokens
 
@@ -272,5 +274,52 @@ class DiT(PyramidVisionTransformerV2):
         forced = {self.node_names[n]: m for n, m in sorted(self.gate_override.items())}
         return f"budget={self.budget}" + (f", forced={forced}" if forced else "")
 
+    # ------------------------------------------------------------------ what generic code asks (docs/dit.md 6)
+    def info_lines(self, info: ReductionInfo) -> list:
+        """Lines `dynavit info` prints about a routed forward (the model-family protocol)."""
+        gmacs = info.extra["gmacs"]
+        return [f"routing:    {float(gmacs.mean()):.4f} GMACs per image routed (budget {self.budget:g} of "
+                f"{info.extra['gmacs_full']:.4f}); per image {[round(float(g), 4) for g in gmacs]}"]
+
+    def viz_panels(self, info: ReductionInfo, b: int, image) -> list:
+        """The panels `dynavit viz` draws for image b: blocks run per finest-scale location, as a heat map."""
+        runs = torch.stack([(p2t[b] >= 0).float() for p2t in info.patch_to_token], 0).sum(0)  # (N0,)
+        h, w = scale_sizes((self.img_size, self.img_size))[0]
+        title = f"DiT: blocks run, {float(info.extra['gmacs'][b]):.3f} GMACs"
+        return [(title, "heatmap", (image, runs.view(h, w), len(info.patch_to_token)))]
+
 
 register_family("dit", DiT)
+
+
+# ---------------------------------------------------------------------------------------------- the family spec
+def _dit_model_for(name: str) -> str:
+    """`--model` -> the DiT it names: a DiT itself, or the DiT twin of a PVTv2 (pvt_v2_bX -> dit_bX)."""
+    if name.startswith("dit_"):
+        return name
+    if name.startswith("pvt_v2_"):
+        return "dit_" + name[len("pvt_v2_"):]
+    raise ConfigError(f"a DiT SPEC needs a DiT or PVTv2 model (e.g. --model dit_b0 or pvt_v2_b0, compared with its "
+                      f"dense PVTv2 twin), got --model {name!r}")
+
+
+def _dit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = False) -> nn.Module:
+    from ..losses_dit import dit_criterion  # losses_dit imports this module (budget_loss, check_budget)
+
+    return dit_criterion(model, smoothing=smoothing)
+
+
+RECIPE = Recipe("dit", "DiT (docs/dit.md): DeiT schedule, budget loss switched on after 40% of training",
+                epochs=300, lr=5e-4, lr_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
+                find_unused_parameters=True)
+
+register_model_family(FamilySpec(
+    "dit", params=("budget", "gate_bias"), primary="budget", recipe=RECIPE, criterion=_dit_criterion,
+    doc="DiT: per-token routing gates on a PVTv2 (a model family: `dit:B` builds the DiT twin at budget B)",
+    info_fields={"gmacs": "(B,) GMACs each image's routing spent", "gmacs_full": "GMACs of the dense twin",
+                 "executed_gmacs": "GMACs the batch really executed", "budget": "the model's target fraction",
+                 "nodes": "node names s{scale}.b{block}", "active": "per node, (B, N_s) tokens that ran the block",
+                 "at_scale": "per node, (B, N_s) tokens still at that scale",
+                 "exit_depth": "per scale, (B, N_s) blocks each token stayed for"},
+    owns=lambda name: name.startswith("dit_"), model_for=_dit_model_for,
+    dense_for=lambda name: "pvt_v2_" + name[len("dit_"):] if name.startswith("dit_") else name))
