@@ -2,10 +2,10 @@
 
 A weights argument is a file (.safetensors / .pth), a run directory (its `model.safetensors`, or the last
 checkpoint of an interrupted run) or the name of a shipped asset (`demo_vit`; a method asset such as
-`demo_vit_dynamicvit_0.7` names its backbone, which is loaded first). The model to build comes from the asset
+`demo_vit_<method>_0.7` names its backbone, which is loaded first). The model to build comes from the asset
 or the run's `summary.json` when `--model` is omitted; a different `--model` is refused.
 
-Loading rule: every backbone weight must be loaded. The tensors a method adds to a dense model (DynamicViT's
+Loading rule: every backbone weight must be loaded. The tensors a method adds to a dense model (e.g. learned
 predictors) may be missing: `--init` of a dense checkpoint into a method's model is the papers' fine-tune; in
 `eval` / `viz` / `export` it is said in a warning (the method's choices are then arbitrary). A classifier of
 another size is re-initialised by `--init` (a fine-tune to new classes, as DeiT's main.py) and an error

@@ -1,9 +1,9 @@
 """`dynavit viz --model M --method X --checkpoint C --image PATH [--output PNG]`: draw what a method did to an image.
 
 Pruned patches are faded, merged groups coloured (one colour per token); one panel per reduction stage, or the
-panels a model family draws itself (`viz_panels`, e.g. blocks run per location). `--checkpoint` takes a file, a run directory or the name of a shipped
-asset (e.g. `demo_vit`, or `demo_vit_dynamicvit_0.7`, which loads its backbone too); the model, method and class
-count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
+panels a model family draws itself (`viz_panels`, e.g. blocks run per location). `--checkpoint` takes a file, a
+run directory or the name of a shipped asset (e.g. `demo_vit`, or a method asset `demo_vit_<method>_0.7`, which
+loads its backbone too); the model, method and class count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
 arbitrary). The predicted class of each image is printed, by name when the run saved its class names.
 """
 from __future__ import annotations
