@@ -9,7 +9,7 @@ everything else trains with `ClassificationCriterion`.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Union
 
 from torch import Tensor, nn
 
@@ -31,10 +31,10 @@ class ClassificationCriterion(nn.Module):
         return classification_loss(logits, target, self.smoothing)
 
 
-def build_criterion(model: nn.Module, factory: Optional[Callable[..., nn.Module]] = None, smoothing: float = 0.0,
-                    distill: bool = True) -> nn.Module:
-    """The criterion of a spec (`spec.criterion`), or cross-entropy when it has none. A factory may copy `model`
-    (a dense teacher), so call this after loading the initial weights."""
-    if factory is None:
+def build_criterion(model: nn.Module, factory: Union[None, str, Callable[..., nn.Module]] = None,
+                    smoothing: float = 0.0, distill: bool = True) -> nn.Module:
+    """The criterion of a spec (`spec.criterion`), or cross-entropy when it has none (None or 'classification').
+    A factory may copy `model` (a dense teacher), so call this after loading the initial weights."""
+    if factory is None or factory == "classification":
         return ClassificationCriterion(smoothing)
     return factory(model, smoothing=smoothing, distill=distill)
