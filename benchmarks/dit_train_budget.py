@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -166,7 +165,7 @@ def main() -> None:
     print("dense pre-training", flush=True)
     train(dense, xtr, ytr, args, args.pretrain_epochs)
     acc_pre, _ = accuracy_and_gmacs(dense, xva, yva, args.batch)
-    dit.load_state_dict(dense.state_dict(), strict=False)  # same start; only the gates are DiT's own
+    dynavit.load_state_dict(dit, dense.state_dict(), strict=False)  # same start; off-route blocks from the twin
     print(f"pre-trained val accuracy {acc_pre:.3f}; fine-tuning both", flush=True)
     time_dense = train(dense, xtr, ytr, args, args.epochs)
     time_dit = train(dit, xtr, ytr, args, args.epochs, budget_loss=crit)

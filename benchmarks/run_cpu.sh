@@ -21,3 +21,6 @@ for m in "" "--method dynamicvit --keep-rate 0.7" "--method evit --keep-rate 0.7
          "--method tome --r 13"; do
     $BIN/dynavit flops --model deit_small_patch16_224 $m
 done | tee "$OUT/flops.md"
+# 5. DynamicCNN / DynamicSwin against their dense ConvNeXt-T / Swin-T: whole model and stage 3 (docs/dynamic-hierarchical.md)
+$BIN/python benchmarks/dynamic_hier.py --batch 8 --threads 1 --repeats 5 --json "$OUT/dynamic_hier_cpu_b8_t1.json" \
+    | tee "$OUT/dynamic_hier_cpu_b8_t1.md"

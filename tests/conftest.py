@@ -61,17 +61,19 @@ MERGING = {"evit", "bat", "tome"}
 RANDOM = {"random"}
 
 
-def methods() -> dict:
+def vit_methods() -> dict:
+    """The registered methods for ViT-family models (the token-reduction contract); the hierarchical ones
+    (families convnext / swin) have their own tests."""
     from dynavit.registry import list_methods
 
-    return list_methods()
+    return {n: s for n, s in list_methods().items() if "vit" in s.families}
 
 
 def reducing(name: str, keep: float = 0.7, r: int = 1) -> dict:
     """create_model kwargs of method `name` at a real reduction (keep rate `keep`, or ToMe-style `r`)."""
-    primary = methods()[name].primary
+    primary = vit_methods()[name].primary
     return {"method": name, primary: {"keep_rate": keep, "r": r}[primary]}
 
 
 # one case per fixed-count, deterministic method (export, compile), plus the dense model
-FIXED_COUNT_METHODS = {"dense": dict(), **{n: reducing(n) for n in methods() if n not in RANDOM}}
+FIXED_COUNT_METHODS = {"dense": dict(), **{n: reducing(n) for n in vit_methods() if n not in RANDOM}}

@@ -212,3 +212,18 @@ def test_dense_gmacs_match_published_and_analytic():
     assert round(gmacs, 1) == 4.6
     analytic = (12 * vit_block_macs(197, 384) + 196 * 768 * 384 + 384 * 1000) / 1e9
     assert abs(gmacs - analytic) / analytic < 0.01
+
+
+@pytest.mark.parametrize("name,kw,size", [("tiny_vit", {}, 224), ("pvt_v2_tiny", {}, 64),
+                                          ("convnext", dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32]), 64),
+                                          ("swin", dict(embed_dim=12, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                                        img_size=224), 224)])
+def test_every_backbone_gives_the_same_clear_input_errors(name, kw, size):
+    """One shared check (errors.check_image_batch) before each family's own size rule."""
+    model = dynavit.create_model(name, num_classes=10, **kw).eval()
+    with pytest.raises(InputError, match="3 channels, got 1"):
+        model(torch.randn(1, 1, size, size))
+    with pytest.raises(InputError, match="floating-point"):
+        model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    with pytest.raises(InputError, match="4-d image batch"):
+        model(torch.randn(3, size, size))

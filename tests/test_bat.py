@@ -143,7 +143,7 @@ def test_bat_stage_equals_loop(assign):
     feats = torch.cat([hand_made_set(B, 9, C, seed=1) * 0.3 + 10, torch.randn(B, 11, C)], dim=1)  # (B, T, C)
     x = torch.cat([torch.randn(B, 1, C), feats], dim=1)
     attn = torch.rand(B, 1 + T) + torch.cat([torch.zeros(B, 1), torch.zeros(B, 9), torch.ones(B, 11)], 1)
-    cfg = BATConfig(pair_ratio=0.25, knn_k=3, assign=assign)
+    cfg = BATConfig(pair_ratio=0.25, knn_k=3, assign=assign, budget="evit")
     reducer = BATReducer(12, keep_rate=0.55, config=cfg)
     K, p, n = stage_counts(T, 0.55, cfg)
     assert (K, p, n) == (11, 2, 3)
@@ -179,8 +179,8 @@ def test_bat_stage_equals_loop(assign):
 def test_token_counts_equal_evit(rate):
     x = torch.randn(2, 3, 224, 224)
     counts = {}
-    for method in ("evit", "bat"):
-        model = dynavit.create_model("tiny_vit", method=method, keep_rate=rate).eval()
+    for method, kw in (("evit", {}), ("bat", {"budget": "evit"})):
+        model = dynavit.create_model("tiny_vit", method=method, keep_rate=rate, **kw).eval()
         with torch.no_grad():
             counts[method] = model(x, return_info=True)[1].token_counts
     assert counts["bat"] == counts["evit"]
@@ -188,7 +188,8 @@ def test_token_counts_equal_evit(rate):
 
 @pytest.mark.slow
 def test_gmacs_equal_evit_on_deit_small():
-    models = {m: dynavit.create_model("deit_small_patch16_224", method=m) for m in ("evit", "bat")}
+    models = {"evit": dynavit.create_model("deit_small_patch16_224", method="evit"),
+              "bat": dynavit.create_model("deit_small_patch16_224", method="bat", budget="evit")}
     for rate in (0.9, 0.7, 0.5, 0.3):
         g = {}
         for name, model in models.items():
@@ -201,10 +202,10 @@ def test_gmacs_equal_evit_on_deit_small():
 
 @pytest.mark.parametrize("variant,extra", [("full", 1), ("cluster", None), ("pack", 1), ("attentive", 0)])
 def test_variant_counts(variant, extra):
-    cfg = BATConfig(variant=variant)
+    cfg = BATConfig(variant=variant, budget="evit")
     K, p, n = stage_counts(196, 0.7, cfg)
     assert K == 138
-    full_K, full_p, full_n = stage_counts(196, 0.7, BATConfig())
+    full_K, full_p, full_n = stage_counts(196, 0.7, BATConfig(budget="evit"))
     if variant == "cluster":
         assert (p, n) == (0, full_n)  # same clusters, no matching: more tokens (paper Table 3, row iii)
     else:
@@ -214,8 +215,8 @@ def test_variant_counts(variant, extra):
 def test_explicit_cluster_split():
     assert stage_counts(196, 0.7, BATConfig(num_clusters=20)) == (138, 13, 20)
     assert stage_counts(196, 0.7, BATConfig(num_clusters=0.5)) == (138, 13, 29)
-    assert stage_counts(196, 0.7, BATConfig(pair_ratio=0.0)) == (138, 0, 1)
-    assert stage_counts(196, 0.99, BATConfig()) == (195, 0, 1)
+    assert stage_counts(196, 0.7, BATConfig(pair_ratio=0.0, budget="evit")) == (138, 0, 1)
+    assert stage_counts(196, 0.99, BATConfig(budget="evit")) == (195, 0, 1)
     assert stage_counts(196, 1.0, BATConfig())[0] == 196
 
 
@@ -236,13 +237,13 @@ def ref_diversity(z):
 
 def test_diversity_score_equals_formula_and_is_batched():
     z = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1))
-    got = dynavit.diversity_score(z)
+    got = dynavit.diversity_score(z, center="median")
     assert got.shape == (3,)
     for b in range(3):
         assert abs(got[b].item() - ref_diversity(z[b]).item()) < 1e-4
-    assert abs(dynavit.diversity_score(z[0]).item() - got[0].item()) < 1e-6
-    assert dynavit.diversity_score(torch.ones(2, 5, 3) * 7).abs().max().item() == 0.0
-    assert dynavit.diversity_score(2 * z)[0] > got[0]
+    assert abs(dynavit.diversity_score(z[0], center="median").item() - got[0].item()) < 1e-6
+    assert dynavit.diversity_score(torch.ones(2, 5, 3) * 7, center="median").abs().max().item() == 0.0
+    assert dynavit.diversity_score(2 * z, center="median")[0] > got[0]
 
 
 def test_greedy_pairs_terminates_on_nan():

@@ -10,7 +10,7 @@ from conftest import FIXED_COUNT_METHODS, TINY64_CFG as CFG
 
 CASES = {
     **FIXED_COUNT_METHODS,
-    "bat_pairs": dict(method="bat", keep_rate=0.5, pair_ratio=0.5),  # 4 matching rounds, 5 clusters
+    "bat_pairs": dict(method="bat", keep_rate=0.5, pair_ratio=0.5),  # 4 matching rounds, 4 clusters
     "topk": dict(method="topk", keep_rate=0.7),
     "random": dict(method="random", keep_rate=0.7),  # unseeded: draws from the global RNG
     "random_seeded": dict(method="random", keep_rate=0.7, seed=0),

@@ -171,3 +171,105 @@ def test_mixup_targets_follow_the_mixed_images():
 def test_soft_targets_smoothing():
     t = soft_targets(torch.tensor([2]), 4, 0.1)
     assert torch.allclose(t, torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
+
+
+# ---------------------------------------------------------------------------------------------- DeiT's crop
+def test_random_resized_crop_box_follows_deit_ranges():
+    from dynavit.data.transforms import random_resized_crop_box
+
+    gen = torch.Generator().manual_seed(0)
+    areas, aspects = [], []
+    for _ in range(2000):
+        left, top, w, h = random_resized_crop_box(640, 480, generator=gen)
+        assert 0 <= left and left + w <= 640 and 0 <= top and top + h <= 480
+        areas.append(w * h / (640 * 480))
+        aspects.append(w / h)
+    assert 0.075 <= min(areas) < 0.12 and max(areas) > 0.9  # area fraction ~ U(0.08, 1) where it fits
+    assert min(aspects) >= 0.74 and max(aspects) <= 1.35 and min(aspects) < 0.8 and max(aspects) > 1.28
+    # nothing fits in 10 draws on a 1000:1 strip: the centred fallback, cut to the widest allowed aspect
+    assert random_resized_crop_box(1000, 1, scale=(0.9, 1.0), generator=gen) == (499, 0, 1, 1)
+
+
+def test_train_crops_see_the_whole_original_image(tmp_path):
+    """A wide image (red | green | blue thirds): a centre square would only ever show green; DeiT's crop on the
+    full image reaches the red and blue borders. Crops are a pure function of (seed, epoch, index)."""
+    from PIL import Image
+
+    from dynavit.data.folder import ImageFolder
+
+    yy, xx = np.mgrid[0:60, 0:300]
+    arr = np.repeat(((xx + 3 * yy) % 20).astype(np.uint8)[..., None], 3, axis=2)  # a faint texture
+    arr[:, :100, 0], arr[:, 100:200, 1], arr[:, 200:, 2] = 255, 255, 255
+    (tmp_path / "x").mkdir()
+    Image.fromarray(arr).save(tmp_path / "x" / "wide.png")
+    ds = ImageFolder(tmp_path, img_size=32, train=True, random_crop=((0.08, 1.0), (3 / 4, 4 / 3)))
+    assert ds.crops_on_worker and ds.wants_epoch
+    crops = [ds[(0, epoch)][0] for epoch in range(40)]
+    assert all(c.shape == (3, 32, 32) and c.dtype == torch.uint8 for c in crops)
+    means = torch.stack([c.float().mean(dim=(1, 2)) for c in crops])  # (40, 3) per-channel means
+    assert (means[:, 0] > 200).any() and (means[:, 2] > 200).any()  # some crops lie in the red / blue thirds
+    assert torch.equal(ds[(0, 7)][0], crops[7]) and not torch.equal(crops[0], crops[1])
+    old = ImageFolder(tmp_path, img_size=32, train=True)[0][0]  # the former centre square: green only
+    assert old.float().mean(dim=(1, 2)).tolist()[1] > 200 and old.float()[[0, 2]].max() < 25
+
+
+def test_loader_passes_the_epoch_and_trainer_skips_the_batch_crop(tmp_path):
+    make_image_folder(tmp_path)
+    ds = build_dataset(str(tmp_path), "train", img_size=32, train=True, random_crop=((0.08, 1.0), (0.75, 4 / 3)))
+    loader = make_loader(ds, batch_size=4, train=True, workers=0)
+    loader.sampler.set_epoch(0)
+    a = torch.cat([b[0] for b in loader])
+    loader.sampler.set_epoch(1)
+    b = torch.cat([b[0] for b in loader])
+    loader.sampler.set_epoch(0)
+    a2 = torch.cat([b[0] for b in loader])
+    assert a.shape[1:] == (3, 32, 32) and torch.equal(a, a2) and not torch.equal(a, b)
+    aug = TrainAugment(32, 3, AugmentConfig(randaugment=False, erasing=0.0, mixup=0.0, cutmix=0.0), crop=False)
+    assert not any("Crop" in type(op).__name__ for op in aug.pixel_ops)
+    assert any("Crop" in type(op).__name__ for op in TrainAugment(32, 3, AugmentConfig()).pixel_ops)
+
+
+def test_aug_none_needs_no_kornia(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    monkeypatch.setitem(sys.modules, "kornia.augmentation", None)
+    assert not AugmentConfig.none().needs_kornia and AugmentConfig().needs_kornia
+    images = torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8)
+    x, t = TrainAugment(32, 3, AugmentConfig.none())(images, torch.tensor([0, 1, 2, 0]))
+    assert x.shape == (4, 3, 32, 32)
+    with pytest.raises(ImportError):
+        TrainAugment(32, 3, AugmentConfig())
+
+
+def test_cli_missing_extras_fail_before_any_work(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from dynavit.cli import main
+
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    rc = main(["train", "--model", "tiny_vit", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r"),
+               "--aug", "deit"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and 'pip install "dynavit[train]"' in err and "kornia" in err
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = main(["viz", "--model", "tiny_vit", "--image", str(tmp_path / "x.png")])
+    assert rc == 2 and 'pip install "dynavit[plot]"' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    rc = main(["demo", "--output", str(tmp_path / "d")])
+    assert rc == 2 and "scikit-learn" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_cli_train_aug_none_runs_without_kornia(monkeypatch, tmp_path):
+    import sys
+
+    from dynavit.cli import main
+
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    monkeypatch.setitem(sys.modules, "kornia.augmentation", None)
+    make_image_folder(tmp_path / "data")
+    rc = main(["train", "--model", "tiny_vit", "--img-size", "32", "--set", "depth=2", "--data",
+               str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--aug", "none", "--max-steps", "1",
+               "--batch-size", "4", "--workers", "0", "--no-eval", "--amp", "none"])
+    assert rc == 0 and (tmp_path / "run" / "model.safetensors").exists()

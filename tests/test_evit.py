@@ -115,9 +115,9 @@ def test_bad_keep_rate_raises(bad):
 def test_cli_info_reports_evit_and_bat_gmacs(capsys):
     from dynavit.cli import main
 
-    for method in ("evit", "bat"):
+    for method, tokens in (("evit", "139 / 99 / 71"), ("bat", "138 / 97 / 68")):  # BAT: the authors' logs' budget
         assert main(["info", "deit_small_patch16_224", "--method", method, "--keep-rate", "0.7"]) == 0
         out = capsys.readouterr().out
         gmacs = float(next(line for line in out.splitlines() if line.startswith("GMACs")).split()[-1])
         assert abs(gmacs - 3.0) < 0.06, out
-        assert "139 / 99 / 71" in out
+        assert tokens in out

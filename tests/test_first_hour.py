@@ -99,7 +99,7 @@ def test_viz_with_shipped_method_assets_loads_backbone_and_predictors(tmp_path, 
     rc, out, err = cli(capsys, "viz", "--checkpoint", "demo_vit_dynamicvit_0.7", "--image", img, "--output",
                        tmp_path / "a.png")
     assert rc == 0, err
-    assert "(202 of 202 tensors)" in out and "warning" not in out + err
+    assert "(208 of 208 tensors)" in out and "warning" not in out + err  # a whole fine-tuned model
     assert "red.png: predicted '" in out  # the digit's class name, not an index
     rc, out, err = cli(capsys, "viz", "--checkpoint", "demo_vit", "--method", "dynamicvit", "--image", img,
                        "--output", tmp_path / "b.png")

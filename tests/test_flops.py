@@ -9,7 +9,8 @@ import torch
 import dynavit
 from dynavit.cli import main
 from dynavit.flops import count_gmacs, flops_breakdown, vit_block_macs
-from dynavit.registry import list_methods
+
+from conftest import vit_methods
 
 
 def _meta_model(name, **kw):
@@ -41,7 +42,7 @@ def test_breakdown_matches_analytic_blocks_and_total():
     assert names[0] == "patch_embed" and names[-1] == "head" and "(outside modules)" not in names
 
 
-@pytest.mark.parametrize("method", [n for n, s in list_methods().items() if s.primary == "keep_rate"])
+@pytest.mark.parametrize("method", [n for n, s in vit_methods().items() if s.primary == "keep_rate"])
 def test_reduced_path_counts_only_kept_tokens(method):
     dense, x = _meta_model("deit_small_patch16_224")
     model, _ = _meta_model("deit_small_patch16_224", method=method, keep_rate=0.7)

@@ -7,9 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dynavit
-from dynavit.registry import list_methods
 
-from conftest import MERGING, RANDOM, TINY64_CFG as CFG, reducing
+from conftest import MERGING, RANDOM, TINY64_CFG as CFG, reducing, vit_methods
 
 N = 16  # (64 / 16) ** 2 patches
 
@@ -22,7 +21,7 @@ def _reducing(name):
 
 
 # name -> (method, reducing kwargs builder, no-reduction kwargs, merges): every registered method
-METHODS = {n: (n, _reducing(n), spec.identity, n in MERGING) for n, spec in list_methods().items()}
+METHODS = {n: (n, _reducing(n), spec.identity, n in MERGING) for n, spec in vit_methods().items()}
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 _CACHE: dict = {}

@@ -8,10 +8,12 @@ image size. A checkpoint that still does not fit raises one `CheckpointError` th
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import stat
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -66,6 +68,16 @@ def read_checkpoint(path: PathLike) -> dict:
     except PermissionError as e:
         raise CheckpointError(f"permission denied reading checkpoint {str(path)!r}: {e.strerror}") from None
     except pickle.UnpicklingError as e:
+        modules = [g for g in pickled_globals(path) if g.startswith("torch.nn.modules.")]
+        if modules:
+            raise CheckpointError(
+                f"refused to load {str(path)!r}: it holds a pickled nn.Module (the whole model object, as "
+                f"torch.save(model) writes: {', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''}), not a "
+                f"state dict; unpickling it would run code and needs the original class definitions. Convert it "
+                f"once, where the original code is installed and only if you trust the file: python -c \"import "
+                f"torch; m = torch.load('{path.name}', weights_only=False); m = getattr(m, 'module', m); "
+                f"torch.save(m.state_dict() if hasattr(m, 'state_dict') else {{k: v.state_dict() for k, v in "
+                f"m.items()}}, '{path.stem}_state_dict.pth')\", then load that file") from None
         raise CheckpointError(
             f"refused to load {str(path)!r}: it holds Python objects beyond plain tensors and numbers, and "
             f"unpickling them could run arbitrary code (dynavit only loads with weights_only=True). Re-save the "
@@ -105,6 +117,47 @@ def current_umask() -> int:
     return mask
 
 
+def pickled_globals(path: PathLike, limit: int = 200) -> list:
+    """'module.Name' of the classes / functions a torch.save file references, read with pickletools (nothing runs).
+
+    Used only to explain a refused file (e.g. a pickled nn.Module); returns [] for anything it cannot parse.
+    """
+    def scan(data: bytes) -> list:
+        found, recent, memo = [], [], {}
+        stream = io.BytesIO(data)
+        for _ in range(5):  # zip format: one pickle; legacy format: magic, protocol, sys info, then the object
+            if stream.tell() >= len(data) or len(found) >= limit:
+                break
+            try:
+                ops = list(pickletools.genops(stream))
+            except Exception:  # a truncated or foreign stream: report what was seen
+                break
+            for op, arg, _ in ops:
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    recent.append(arg)
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = recent[-1] if recent else None
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    recent.append(memo.get(arg))
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
+                    found.append(f"{recent[-2]}.{recent[-1]}")
+        return found[:limit]
+
+    try:
+        path = Path(path)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                return scan(zf.read(name)) if name else []
+        return scan(path.read_bytes()[:64 << 20])  # legacy format: the first pickles hold the object
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+
+
 def unwrap_state_dict(obj: Mapping) -> dict:
     """Return the tensor dict inside the usual wrappers ({'model': ...}, {'state_dict': ...}, EMA copies)."""
     for key in _WRAPPER_KEYS:
@@ -127,16 +180,24 @@ _HF_RULES = [  # (pattern, replacement), applied after the 'vit.' / 'deit.' pref
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    # transformers >= 5 names the same tensors differently (the Hub's files keep the names above)
+    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
     (r"^layernorm\.", "norm."),
     (r"^classifier\.", "head."),
     (r"^cls_classifier\.", "head."),
     (r"^distillation_classifier\.", "head_dist."),
 ]
-_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+_HF_QKV = re.compile(r"^(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)|"
+                     r"layers\.(\d+)\.attention\.(q|k|v)_proj)\.(weight|bias)$")
+_HF_QKV_PART = {"q": "query", "k": "key", "v": "value"}
 
 
 def convert_hf_vit(sd: dict) -> dict:
-    """Hugging Face ViT/DeiT names -> timm names; query/key/value are concatenated (q; k; v) into qkv."""
+    """Hugging Face ViT/DeiT names (the Hub's files and transformers >= 5's modules) -> timm names; query / key /
+    value (q_proj / k_proj / v_proj) are concatenated (q; k; v) into qkv."""
     out, qkv = {}, {}
     for key, value in sd.items():
         k = re.sub(r"^(vit|deit)\.", "", key)
@@ -144,7 +205,8 @@ def convert_hf_vit(sd: dict) -> dict:
             continue  # HF's pooler is not part of ViT/DeiT classification
         m = _HF_QKV.match(k)
         if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            layer, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), _HF_QKV_PART[m.group(4)])
+            qkv.setdefault((layer, m.group(5)), {})[part] = value
             continue
         for pattern, repl in _HF_RULES:
             if re.match(pattern, k):
@@ -186,6 +248,9 @@ def filter_state_dict(sd: Mapping, model: nn.Module, report: Optional[LoadReport
     if _is_hf(sd):
         sd = convert_hf_vit(sd)
         report.converted.append("Hugging Face ViT/DeiT names -> timm names")
+    custom = getattr(model, "checkpoint_filter", None)  # a backbone's own layout conversion (timm's -> official)
+    if callable(custom):
+        sd = custom(sd)
     target = model.state_dict()
     pos = sd.get("pos_embed")
     if pos is not None and "pos_embed" in target and pos.shape != target["pos_embed"].shape:

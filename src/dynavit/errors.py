@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import difflib
 
+import torch
+
 
 class DynavitError(Exception):
     """Base class of every error dynavit raises on purpose (the CLI prints these in one line)."""
@@ -26,6 +28,14 @@ class CheckpointError(DynavitError, ValueError):
 
 class CheckpointNotFoundError(DynavitError, FileNotFoundError):
     """A checkpoint or data path that does not exist."""
+
+
+class WeightsUnavailableError(CheckpointNotFoundError):
+    """Pretrained weights that are neither in the local cache nor downloadable (no network, offline mode)."""
+
+
+class MissingExtraError(DynavitError, ImportError):
+    """An optional dependency is not installed; the message names the `pip install` that brings it."""
 
 
 class DataError(DynavitError, ValueError):
@@ -60,3 +70,17 @@ def check_keep_rate(keep_rate, name: str = "keep_rate") -> float:
     if not (0.0 < value <= 1.0):
         raise ConfigError(f"{name} must be in (0, 1], got {keep_rate!r}")
     return value
+
+
+def check_image_batch(x, in_chans: int) -> None:
+    """Raise InputError unless `x` is a floating-point (B, in_chans, H, W) tensor (every backbone's first check;
+    each model adds its own size rule)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected an image tensor (B, {in_chans}, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}; "
+                         f"convert with x.float() / 255 and normalise")
+    if x.ndim != 4:
+        raise InputError(f"expected a 4-d image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise InputError(f"expected {in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")

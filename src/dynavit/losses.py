@@ -1,4 +1,5 @@
-"""Classification losses shared by every method: soft-target (mixup / cutmix) and label-smoothed cross-entropy.
+"""Losses shared by the methods: soft-target (mixup / cutmix) and label-smoothed cross-entropy, and the logit
+distillation of the methods that train against a dense teacher (DynamicViT, DynamicCNN / DynamicSwin).
 
 A method's own loss lives in its module (DynamicViT's in `dynavit.methods.dynamicvit`, DiT's budget loss in
 `dynavit.losses_dit`) and reaches training through its spec's criterion factory.
@@ -20,3 +21,9 @@ def classification_loss(logits: Tensor, target: Tensor, smoothing: float = 0.0) 
     if target.is_floating_point() and target.shape == logits.shape:
         return soft_target_cross_entropy(logits, target)
     return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+
+def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher || student) of the class logits (B, K), temperature 1, summed over classes, mean over B."""
+    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
+                    log_target=True)

@@ -25,12 +25,15 @@ class Recipe:
     min_lr: float
     warmup_epochs: float
     weight_decay: float
+    warmup_start: float = 1e-6  # lr at the first warm-up step
+    warmup_style: str = "linear"  # linear | linspace (see optim.cosine_lr)
     augment: str = "deit"  # deit | light | none (see data.transforms.AugmentConfig)
     distill: bool = False  # the method's criterion distils from a dense teacher
     backbone_lr_scale: float = 1.0
     head_patterns: tuple = ()  # parameters at the full lr when backbone_lr_scale != 1
     frozen_patterns: tuple = ()  # parameters never trained
     freeze_backbone_epochs: float = 0.0
+    freeze_mode: str = "no_grad"  # no_grad | zero_lr (see engine.FREEZE_MODES)
     ema_decay: float = 0.0
     clip_grad: Optional[float] = None
     keep_schedule: Optional[tuple] = None  # (start, length) fractions of training for the keep-rate cosine
@@ -56,8 +59,9 @@ def all_recipes() -> dict:
     """{name: Recipe}: the generic ones and every registered method's and model family's."""
     found = dict(GENERIC)
     for spec in [*list_methods().values(), *list_families().values()]:
-        if spec.recipe is not None:
-            found.setdefault(spec.recipe.name, spec.recipe)
+        for recipe in (spec.recipe, *spec.recipes):
+            if recipe is not None:
+                found.setdefault(recipe.name, recipe)
     return found
 
 

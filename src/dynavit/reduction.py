@@ -52,6 +52,11 @@ class TokenReducer:
         raise ConfigError(f"method {self.name!r} has no keep rate (got set_keep_rate({keep_rate!r}))"
                           + (f"; {hint}" if hint else ""))
 
+    def export_blocker(self) -> Optional[str]:
+        """Why a model with this reducer cannot be exported as one ONNX graph (e.g. per-image token counts), or
+        None; `dynavit export` refuses with this reason before it starts."""
+        return None
+
     def extra_repr(self) -> str:
         return ""
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .errors import ConfigError, unknown_name
+from .pretrained import load_pretrained, select
 
 if TYPE_CHECKING:
     from .recipes import Recipe
@@ -42,6 +43,7 @@ class Spec:
     doc: str = ""
     primary: Optional[str] = None  # the parameter a SPEC's VALUE sets (`evit:0.7` -> keep_rate); None: params[0]
     recipe: Optional["Recipe"] = None  # its training recipe; None: the generic fine-tune recipe
+    recipes: tuple = ()  # its other recipes (e.g. from scratch), chosen by name with --recipe
     criterion: Optional[Callable[..., nn.Module]] = None  # criterion(model, smoothing=, distill=); None: CE
     info_fields: dict = field(default_factory=dict)  # info.extra key -> what it holds (`dynavit info` lists them)
 
@@ -106,7 +108,8 @@ def register_method(name: str, params: tuple = (), families: tuple = ("vit",), d
                     override: bool = False, **spec):
     """Register `apply(model, **params)` as token-reduction method `name` (a decorator).
 
-    spec: the other `MethodSpec` fields: primary, recipe, criterion, attention_extras, info_fields, identity.
+    spec: the other `MethodSpec` fields: primary, recipe, recipes, criterion, attention_extras, info_fields,
+    identity.
     """
     def deco(fn):
         entry = MethodSpec(name, tuple(params), doc or (fn.__doc__ or "").strip(), apply=fn,
@@ -252,13 +255,17 @@ def apply_method(model: nn.Module, method: str, **params) -> nn.Module:
     return model
 
 
-def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[str] = None,
+                 pretrained: bool = False, **kwargs) -> nn.Module:
     """Build backbone `name` (kwargs override its architecture) with an optional token-reduction `method`.
 
     Args:
         name: a registered model (`dynavit.list_models()`), e.g. 'deit_small_patch16_224', 'lvvit_s', 'vit'.
         method: None for the dense model, or a registered method (`dynavit.list_methods()`).
         checkpoint: optional path loaded strictly with `load_checkpoint` after the method is attached.
+        pretrained: load the released weights of `name` (`dynavit.pretrained`; `dynavit models` lists them):
+            the authors' DynamicViT checkpoint when `method='dynamicvit'` and the keep rate match a release,
+            else the dense backbone's. A different `num_classes` keeps a fresh classifier.
         **kwargs: the method's parameters (e.g. keep_rate) and architecture overrides (e.g. num_classes).
     """
     _load_all()
@@ -275,6 +282,12 @@ def create_model(name: str, method: Optional[str] = None, checkpoint: Optional[s
     model.model_name = name
     if method is not None and method != "dense":
         model = apply_method(model, method, **method_kwargs)
+    if pretrained:
+        keep = method_kwargs.get("keep_rate")
+        if keep is None and method not in (None, "dense"):  # the method's default keep rate
+            param = inspect.signature(get_method(method).apply).parameters.get("keep_rate")
+            keep = None if param is None or param.default is inspect.Parameter.empty else param.default
+        load_pretrained(model, select(name, method, keep))
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

@@ -114,7 +114,8 @@ def merge_tokens(state: TokenState, group: Tensor, weight: Tensor, num_groups: i
     target = torch.where(valid, group, torch.full_like(group, num_groups))  # dropped -> spill slot
     w = (weight * valid).to(x.dtype)
     flat = (target + torch.arange(B, device=x.device).unsqueeze(1) * (num_groups + 1)).reshape(-1)
-    merged = x.new_zeros(B * (num_groups + 1), C).index_add(  # flat index_add: ~6x faster than scatter_add
+    # flat, in-place index_add_: ~6x faster than scatter_add; the out-of-place index_add (same sums) is 5-70x slower
+    merged = x.new_zeros(B * (num_groups + 1), C).index_add_(
         0, flat, (x[:, P:] * w.unsqueeze(-1)).reshape(B * T, C)).view(B, num_groups + 1, C)[:, :num_groups]
     if normalize:
         total = x.new_zeros(B, num_groups + 1).scatter_add_(1, target, w)[:, :num_groups]

@@ -5,7 +5,8 @@ every method: `info.patch_to_token[stage]` says which token holds each original 
 patches are faded to white, patches that share a token with others (merged groups, a fused token) are tinted
 with the group's colour and outlined, and single-patch tokens are left as they are. A model that draws itself
 differently (a routed model family) defines `viz_panels(info, b, image) -> [(title, kind, payload), ...]` with
-kinds 'image', 'overlay' or 'heatmap' (docs/writing-a-method.md).
+kinds 'image', 'overlay' or 'heatmap'; one that draws a figure of its own defines `save_viz(x, path, labels,
+title)` and may build it from `new_figure`, `mask_tile` and `save_figure` (docs/writing-a-method.md).
 
 matplotlib is an optional dependency (`pip install dynavit[plot]`); it is imported when a figure is drawn.
 """
@@ -117,6 +118,15 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
     return out
 
 
+def mask_tile(image: np.ndarray, active: Tensor, size: tuple) -> np.ndarray:
+    """The image where `active` (N,) tokens of an (h, w) token grid are, white elsewhere (float RGB in [0, 1])."""
+    H, W = image.shape[:2]
+    m = active.detach().cpu().view(1, 1, *size).float()
+    stride_h, stride_w = -(-H // size[0]), -(-W // size[1])
+    up = m.repeat_interleave(stride_h, 2).repeat_interleave(stride_w, 3)[0, 0, :H, :W].numpy()[..., None]
+    return (image.astype(np.float32) / 255.0) * up + (1.0 - up)
+
+
 def draw_panel(ax, title: str, kind: str, payload) -> None:
     if kind == "heatmap":
         draw_heatmap(ax, *payload)
@@ -150,12 +160,27 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path) -> Path:
     return Path(path)
 
 
+def new_figure(n_rows: int, n_cols: int, figsize: tuple) -> tuple:
+    """(figure, axes[row][col]) of an n_rows x n_cols grid of panels."""
+    return _pyplot().subplots(n_rows, n_cols, figsize=figsize, squeeze=False)
+
+
+def save_figure(fig, path, title: Optional[str] = None, dpi: int = 110) -> Path:
+    """Title `fig`, save it to `path` (creating its folder) and close it."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optional[list] = None) -> Path:
     """Draw rows of panels [(title, kind, payload), ...] into one PNG."""
-    plt = _pyplot()
-
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.3 * n_cols, 2.75 * n_rows), squeeze=False)
+    fig, axes = new_figure(n_rows, n_cols, (2.3 * n_cols, 2.75 * n_rows))
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -165,14 +190,7 @@ def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optiona
                     ax.set_title(f"{col_titles[j]}\n{row[j][0]}", fontsize=7.5)
             else:
                 ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..options import parse_assignments
-from ..registry import create_model, spec_for
+from .. import registry
 
 
 def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, model_required: bool = True) -> None:
@@ -29,6 +29,9 @@ def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, m
                    help="classifier outputs (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model or method argument (repeatable), e.g. --set prune_locations=[2,5,8]")
+    p.add_argument("--pretrained", action="store_true",
+                   help="load the released weights of the model (`dynavit models` marks which have them; a "
+                        "method's own release where one matches --method and its keep rate)")
 
 
 def number(kind: type, rule: str = ""):
@@ -54,17 +57,17 @@ def number(kind: type, rule: str = ""):
 def model_kwargs(args: argparse.Namespace) -> dict:
     """create_model keyword arguments from the shared options."""
     named = {"keep_rate": args.keep_rate, "r": args.r, "budget": args.budget, "img_size": args.img_size,
-             "num_classes": args.num_classes}
+             "num_classes": args.num_classes, "pretrained": getattr(args, "pretrained", False) or None}
     return {**{k: v for k, v in named.items() if v is not None}, **parse_assignments(args.set)}
 
 
 def build_model(args: argparse.Namespace, **overrides):
-    return create_model(args.model, method=args.method, **{**model_kwargs(args), **overrides})
+    return registry.create_model(args.model, method=args.method, **{**model_kwargs(args), **overrides})
 
 
 def label(args: argparse.Namespace) -> str:
     """'MODEL + NAME:0.7' / 'MODEL (dense)': how the CLI names a model and its method."""
-    spec = spec_for(args.model, args.method)
+    spec = registry.spec_for(args.model, args.method)
     if spec is None or args.method in (None, "dense"):
         return f"{args.model} (dense)" if spec is None else args.model
     return f"{args.model} + {spec.label(model_kwargs(args))}"

@@ -152,12 +152,12 @@ def checkpoint_classes(w: Weights) -> Optional[int]:
 
 
 def _method_assets(backbone: Optional[str], method: Optional[str]) -> list:
-    """Shipped assets that hold `method`'s parameters for asset `backbone`."""
+    """Shipped assets that hold `method`'s parameters (alone, or a whole fine-tuned model) for asset `backbone`."""
     if backbone is None:
         return []
     from ..assets import manifest
 
-    return [n for n, e in manifest().items() if e.get("partial") and e.get("method") == method
+    return [n for n, e in manifest().items() if e.get("method") and e.get("method") == method
             and (e.get("backbone") or (e.get("needs") or [None])[-1]) == backbone]
 
 

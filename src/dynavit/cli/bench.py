@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--img-size", type=number(int, ">=1"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra create_model argument for every model (repeatable)")
+    p.add_argument("--pretrained", action="store_true", help="load the released weights into every model")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--no-malloc-tunables", action="store_true",
                    help="do not re-execute with raised glibc malloc thresholds")
@@ -56,6 +57,8 @@ def run(args) -> int:
     if not args.no_malloc_tunables and _from_command_line():  # not from a library or test caller
         reexec_with_malloc_tunables(["-m", "dynavit", *sys.argv[1:]])
     kw = parse_assignments(args.set)
+    if args.pretrained:
+        kw["pretrained"] = True
     cfg = BenchConfig(model=args.model, specs=args.method or ["dense"], batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads,
                       train=args.train, repeats=args.repeats, warmup=args.warmup, b1_repeats=args.b1_repeats,

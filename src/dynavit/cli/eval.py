@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..extras import require
 from ._common import add_model_args, number
 from ._weights import add_weights_args
 
@@ -60,6 +61,8 @@ def run(args) -> int:
     from ..train.evaluate import evaluate, model_numbers, throughput
     from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
 
+    if args.data == "demo":
+        require("train", "the demo dataset", ("sklearn", "skimage"))
     info = D.setup(args.device)
     try:
         w = resolve_weights(args.checkpoint) if args.checkpoint else None

@@ -27,7 +27,7 @@ def run(args) -> int:
         print(f"method:     {model.reducer!r}")
     print(f"params:     {params / 1e6:.2f} M")
     print(f"input:      {size}x{size}")
-    print(f"GMACs:      {gmacs:.2f}")
+    print(f"GMACs:      {gmacs:.3f}")
     n = getattr(model, "num_patches", None)
     counts = list(info.token_counts)
     if n is not None:

@@ -1,6 +1,8 @@
-"""`dynavit models`: list registered backbones, token-reduction methods, model families and recipes."""
+"""`dynavit models`: list registered backbones (marking those with released weights), token-reduction methods,
+model families and recipes."""
 from __future__ import annotations
 
+from ..pretrained import TWINS, weights_for
 from ..recipes import all_recipes
 from ..registry import list_families, list_methods, list_models
 
@@ -15,9 +17,14 @@ def _summary(doc: str) -> str:
 
 
 def run(args) -> int:
-    print("models:")
+    print("models (* = released weights: create_model(name, pretrained=True) / --pretrained):")
     for name in list_models():
-        print(f"  {name}")
+        found = weights_for(name)
+        mark = "*" if found else " "
+        where = "; ".join(f"{w.tag}: {w.label}" for w in found)
+        if name in TWINS and found:
+            where = f"its twin {TWINS[name]}'s ({where}; its own parts fresh)"
+        print(f"  {mark} {name:<34} {where}".rstrip())
     print("methods (SPEC NAME:VALUE sets the first parameter):")
     for name, spec in list_methods().items():
         recipe = spec.recipe.name if spec.recipe else "finetune"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..extras import require
 from ._common import add_model_args, model_kwargs, number
 from ._weights import PARTIAL_FLAG
 
@@ -42,9 +43,17 @@ def add_parser(sub) -> None:
     p.add_argument("--no-lr-scale", action="store_true", help="use --lr (or the recipe's lr) as given, unscaled")
     p.add_argument("--min-lr", type=number(float, ">=0"), default=None)
     p.add_argument("--warmup-epochs", type=number(float, ">=0"), default=None)
+    p.add_argument("--warmup-start", type=number(float, ">=0"), default=None, help="lr of the first warm-up step "
+                   "(default: the recipe's; 1e-6, DynamicViT 0)")
+    p.add_argument("--warmup-style", default=None, choices=["linear", "linspace"],
+                   help="warm-up ramp: linear (start + (lr - start) step / W) or linspace (np.linspace(start, lr, W), "
+                   "the DynamicViT release; default: the recipe's)")
     p.add_argument("--weight-decay", type=number(float, ">=0"), default=None)
     p.add_argument("--clip-grad", type=number(float, ">0"), default=None, help="max global gradient norm")
     p.add_argument("--freeze-backbone-epochs", type=number(float, ">=0"), default=None)
+    p.add_argument("--freeze-mode", default=None, choices=["no_grad", "zero_lr"],
+                   help="how the frozen backbone is held: no_grad (gradients dropped) or zero_lr (lr 0, AdamW moments "
+                   "still advance, the DynamicViT release; default: the recipe's)")
     p.add_argument("--ema-decay", type=number(float, ">=0"), default=None, help="model EMA decay in [0, 1) (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="mixed precision (auto: bf16 / fp16 on CUDA, off on CPU)")
@@ -156,6 +165,12 @@ def run(args) -> int:
         from ..errors import ConfigError
 
         raise ConfigError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    recipe = get_recipe(args.recipe, args.method, args.model)
+    if args.data == "demo":
+        require("train", "the demo dataset", ("sklearn", "skimage"))
+    if _augment_config(args, recipe).needs_kornia:
+        require("train", f"dynavit train --aug {args.aug or recipe.augment} (kornia's batched augmentation; "
+                "--aug none needs none)", ("kornia",))
     check_output_dir(args.output)
     info = D.setup(args.device)
     try:
@@ -163,7 +178,6 @@ def run(args) -> int:
 
         torch.manual_seed(args.seed)  # the initial weights: same on every rank and in every run with this seed
         spec = spec_for(args.model, args.method)
-        recipe = get_recipe(args.recipe, args.method, args.model)
         if args.data == "demo":
             classes = [str(c) for c in range(10)]
             train_dir, val_dir = "demo", (None if args.no_eval else "demo")
@@ -180,14 +194,16 @@ def run(args) -> int:
             load_weights(model, resolve_weights(args.init), purpose="init", partial=args.allow_partial,
                          log=print if info.main else (lambda _: None))
         demo_train, demo_val = args.demo_size or (None, None)
+        aug = _augment_config(args, recipe)
         train_set = build_dataset(str(train_dir), "train", img_size, train=True, demo_size=demo_train,
-                                  demo_cache=args.demo_cache)
+                                  demo_cache=args.demo_cache,
+                                  random_crop=(aug.scale, aug.ratio) if aug.random_crop else None,
+                                  crop_seed=args.seed)
         val_set = None
         if val_dir is not None:
             val_set = build_dataset(str(val_dir), "val", img_size, train=False, classes=getattr(train_set, "classes",
                                                                                               None),
                                     demo_size=demo_val, demo_cache=args.demo_cache)
-        aug = _augment_config(args, recipe)
         criterion = build_criterion(model, spec.criterion if spec else None, smoothing=aug.smoothing,
                                     distill=recipe.distill and not args.no_distill)
         global_batch = args.batch_size * info.world * args.accum_steps
@@ -207,6 +223,9 @@ def run(args) -> int:
             backbone_lr_scale=recipe.backbone_lr_scale, head_patterns=recipe.head_patterns,
             frozen_patterns=recipe.frozen_patterns,
             freeze_backbone_epochs=pick(args.freeze_backbone_epochs, recipe.freeze_backbone_epochs),
+            freeze_mode=pick(args.freeze_mode, recipe.freeze_mode),
+            warmup_start=pick(args.warmup_start, recipe.warmup_start),
+            warmup_style=pick(args.warmup_style, recipe.warmup_style),
             ema_decay=pick(args.ema_decay, recipe.ema_decay), amp=args.amp, seed=args.seed, img_size=img_size,
             num_classes=len(classes), augment=aug, keep_rate=keep,
             keep_schedule=recipe.keep_schedule if keep is not None else None, workers=args.workers,
@@ -216,7 +235,7 @@ def run(args) -> int:
         method_params = spec.params if args.method not in (None, "dense") else ()
         meta = {"model": args.model, "method": args.method or "dense", "recipe": recipe.name,
                 "keep_rate": keep, "data": args.data, "num_classes": len(classes), "img_size": img_size,
-                "model_kwargs": {k: v for k, v in kw.items() if k not in method_params},
+                "model_kwargs": {k: v for k, v in kw.items() if k not in method_params and k != "pretrained"},
                 "method_kwargs": {k: v for k, v in kw.items() if k in method_params},
                 "classes": list(getattr(train_set, "classes", None) or classes)}
         trainer = Trainer(model, criterion, train_set, val_set, cfg, info, meta)

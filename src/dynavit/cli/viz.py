@@ -1,15 +1,18 @@
 """`dynavit viz --model M --method X --checkpoint C --image PATH [--output PNG]`: draw what a method did to an image.
 
-Pruned patches are faded, merged groups coloured (one colour per token); one panel per reduction stage, or the
-panels a model family draws itself (`viz_panels`, e.g. blocks run per location). `--checkpoint` takes a file, a
-run directory or the name of a shipped asset (e.g. `demo_vit`, or a method asset `demo_vit_<method>_0.7`, which
-loads its backbone too); the model, method and class count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
+Pruned patches are faded, merged groups coloured (one colour per token); one panel per reduction stage, the
+panels a model family draws itself (`viz_panels`, e.g. blocks run per location), or the figure it draws whole
+(`save_viz`, e.g. a routing grid: rows = strides, columns = stages). `--checkpoint` takes a file, a run directory
+or the name of a shipped asset (e.g. `demo_vit`, or a method asset `demo_vit_<method>_0.7`, which loads its
+backbone too); the model, method and class count default to the checkpoint's. Without it the freshly
+initialised model is drawn (its choices are then
 arbitrary). The predicted class of each image is printed, by name when the run saved its class names.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import require
 from ._common import add_model_args, check_output_file
 from ._weights import add_weights_args
 
@@ -42,6 +45,7 @@ def load_image(path: str, img_size: int):
 
 
 def run(args) -> int:
+    require("plot", "dynavit viz", ("matplotlib",))
     import torch
 
     from ..registry import create_model
@@ -64,6 +68,12 @@ def run(args) -> int:
     size = getattr(model, "img_size", 224)
     x = torch.cat([load_image(str(p), size) for p in images])
     classes = w.classes if w is not None else None
+    source = f" ({w.label})" if w else ""
+    own = getattr(model, "save_viz", None)
+    if callable(own):  # a model family's own figure (docs/writing-a-method.md)
+        own(x, out, [p.name for p in images], title=name + source)
+        print(f"wrote {out}")
+        return 0
     rows = panels_for(model, x, [p.name for p in images], class_names=classes)
     with torch.no_grad():
         probs = model(x).float().softmax(-1)
@@ -71,6 +81,6 @@ def run(args) -> int:
         conf, k = row.max(0)
         label = repr(classes[int(k)]) if classes and int(k) < len(classes) else f"class {int(k)}"
         print(f"{p.name}: predicted {label} ({100 * float(conf):.1f}%)")
-    save_grid(rows, out, title=f"{name} + {method or 'dense'}" + (f" ({w.label})" if w else ""))
+    save_grid(rows, out, title=f"{name} + {method or 'dense'}{source}")
     print(f"wrote {out}")
     return 0

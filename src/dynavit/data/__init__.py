@@ -25,8 +25,12 @@ __all__ = ["build_dataset", "make_loader", "ShardedSampler", "DemoDataset", "Ima
 
 
 def build_dataset(data: str, split: str, img_size: int = 224, train: bool = False, seed: int = 0,
-                  classes: Optional[list] = None, demo_size: Optional[int] = None, demo_cache: bool = False):
+                  classes: Optional[list] = None, demo_size: Optional[int] = None, demo_cache: bool = False,
+                  random_crop: Optional[tuple] = None, crop_seed: int = 0):
     """`data` = 'demo' or an ImageNet-style root (with `split` sub-folder, or itself a split folder).
+
+    random_crop: (scale, ratio) for DeiT's RandomResizedCrop on the workers, on the full image (folders, training);
+    the Trainer then skips the batched crop (`ImageFolder.crops_on_worker`); crop_seed seeds those crops.
 
     The demo is rendered at min(224, img_size) (its digits scale with the image; random crops, if any, happen on
     the batch); `demo_cache` renders it once into `~/.cache/dynavit` (for fast GPU runs).
@@ -36,7 +40,8 @@ def build_dataset(data: str, split: str, img_size: int = 224, train: bool = Fals
         return DemoDataset(split, seed=seed, n=demo_size, size=size, cache=demo_cache)
     root = Path(data)
     folder = root / split if (root / split).is_dir() else root
-    return ImageFolder(folder, img_size=img_size, train=train, classes=classes)
+    return ImageFolder(folder, img_size=img_size, train=train, classes=classes, random_crop=random_crop,
+                       seed=crop_seed)
 
 
 class ShardedSampler(Sampler):
@@ -47,9 +52,10 @@ class ShardedSampler(Sampler):
     """
 
     def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
-                 batch_size: int = 1, drop_last: bool = False):
+                 batch_size: int = 1, drop_last: bool = False, with_epoch: bool = False):
         self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
         self.batch_size, self.drop_last = batch_size, drop_last
+        self.with_epoch = with_epoch  # yield (index, epoch): per-image augmentation seeded by the epoch
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -70,6 +76,8 @@ class ShardedSampler(Sampler):
         return order[self.rank::self.world][self.start_batch * self.batch_size:]
 
     def __iter__(self):
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in self._indices()])
         return iter(self._indices())
 
     def __len__(self) -> int:
@@ -87,7 +95,7 @@ def make_loader(dataset, batch_size: int, train: bool, rank: int = 0, world: int
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     sampler = ShardedSampler(len(dataset), rank, world, shuffle=train, seed=seed, batch_size=batch_size,
-                             drop_last=train)
+                             drop_last=train, with_epoch=bool(getattr(dataset, "wants_epoch", False)))
     workers = default_workers() if workers is None else workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_skip, pin_memory=pin_memory, drop_last=False,

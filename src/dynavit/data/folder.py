@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import CheckpointNotFoundError, DataError
-from .transforms import DEFAULT_CROP_PCT, pil_resize_center_crop, resize_size
+from .transforms import DEFAULT_CROP_PCT, pil_random_resized_crop, pil_resize_center_crop, resize_size
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe")
@@ -46,14 +46,18 @@ class ImageFolder(Dataset):
     """One split of an ImageNet-style folder as (uint8 tensor (3, S, S), label), or None if undecodable.
 
     Args:
-        root: the split folder (e.g. `imagenet/train`). img_size: model input size. train: training images
-        are resized to the crop size and centre-cropped to `resize_size(img_size)` (random crops happen later
-        on the batch); eval images are resized to `resize_size` and centre-cropped to `img_size` (DeiT).
+        root: the split folder (e.g. `imagenet/train`). img_size: model input size. train: training images.
+        random_crop: (scale, ratio) of DeiT's RandomResizedCrop, done here on the full original image (training
+            only): each item is then a (3, img_size, img_size) crop drawn from a generator seeded by (seed, epoch,
+            index), the epoch coming with the index from the sampler (`make_loader` asks it to). Without it,
+            training images are resized and centre-cropped to `resize_size(img_size)` squares, for a crop on the
+            batch; eval images are resized to `resize_size` and centre-cropped to `img_size` (DeiT).
         classes: class names to use (e.g. the training split's), so label ids agree across splits.
+        seed: the run's seed (random_crop only).
     """
 
     def __init__(self, root, img_size: int = 224, train: bool = False, crop_pct: float = DEFAULT_CROP_PCT,
-                 classes: Optional[list] = None):
+                 classes: Optional[list] = None, random_crop: Optional[tuple] = None, seed: int = 0):
         self.root = Path(root)
         found, self.samples = scan_folder(self.root)
         if classes is not None and found != list(classes):
@@ -66,14 +70,27 @@ class ImageFolder(Dataset):
         self.classes = found
         resize = resize_size(img_size, crop_pct)
         self.resize, self.crop = (resize, resize) if train else (resize, img_size)
+        self.img_size, self.seed = img_size, seed
+        self.random_crop = tuple(random_crop) if train and random_crop is not None else None
+        self.crops_on_worker = self.random_crop is not None  # read by the Trainer: no second crop on the batch
+        self.wants_epoch = self.crops_on_worker  # read by make_loader: the sampler yields (index, epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def crop_generator(self, index: int, epoch: int) -> torch.Generator:
+        """The crop's RNG: a pure function of (seed, epoch, index), so workers, ranks and resumed runs agree."""
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2 ** 63)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
+                if self.random_crop is not None:
+                    scale, ratio = self.random_crop
+                    gen = self.crop_generator(index, epoch)
+                    return pil_random_resized_crop(img, self.img_size, scale, ratio, gen), label
                 return pil_resize_center_crop(img, self.resize, self.crop), label
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             log.warning("skipping undecodable image %s: %s", path, e)

@@ -1,14 +1,15 @@
 """Image transforms: the DeiT evaluation transform (PIL, in DataLoader workers) and the DeiT training
 augmentation applied to whole batches on the training device with kornia.
 
-Workers only decode and bring each image to a fixed square (uint8), so batches are rectangular; everything
-random happens on the batch, on the device, drawing from torch's global RNG (saved in checkpoints, so a
-resumed run draws the same augmentations). One difference from DeiT: RandomResizedCrop samples from the
-worker's square (shorter side resized to img_size / crop_pct, centre crop) instead of the full original
-image, so extreme aspect ratios lose their borders.
+DeiT's RandomResizedCrop (area 0.08-1, aspect 3/4-4/3, bicubic) runs in the DataLoader workers on the full
+original image (`random_resized_crop`), drawn from a generator seeded by (seed, epoch, image index), so a run and
+its resumption crop alike whatever the number of workers; the rest (flip, RandAugment, erasing, mixup / cutmix)
+happens on the batch, on the device, drawing from torch's global RNG (saved in checkpoints). Datasets that render
+fixed squares (the demo) leave the crop to the batch (`TrainAugment(crop=True)`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,43 @@ def pil_resize_center_crop(img, resize: int, crop: int):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, crop, crop)
 
 
+def random_resized_crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            generator: torch.Generator = None) -> tuple:
+    """DeiT's (torchvision's) RandomResizedCrop window (left, top, w, h) on a width x height image.
+
+    Up to 10 draws of area ~ U(scale) * W * H and log aspect ~ U(log ratio); the first window that fits wins.
+    Otherwise the whole image, cut to the nearest allowed aspect ratio, centred.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def pil_random_resized_crop(img, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            generator: torch.Generator = None):
+    """PIL image -> uint8 tensor (3, size, size): a RandomResizedCrop window of the full image, resized bicubically."""
+    img = img.convert("RGB")
+    left, top, w, h = random_resized_crop_box(img.size[0], img.size[1], scale, ratio, generator)
+    img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, size, size)
+
+
 def normalize(x: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
     """(B, 3, H, W) in [0, 1] -> normalised by the ImageNet mean / std."""
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -67,7 +105,8 @@ def eval_batch(images: Tensor, img_size: int) -> Tensor:
 class AugmentConfig:
     """DeiT's recipe (timm `rand-m9-mstd0.5-inc1`, mixup 0.8, cutmix 1.0, smoothing 0.1, reprob 0.25)."""
 
-    scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range
+    scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range ((1, 1): no random crop, the centre crop)
+    ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5
     randaugment: bool = True  # 2 ops at magnitude 9 of 10
     randaugment_m: int = 9
@@ -77,6 +116,16 @@ class AugmentConfig:
     cutmix: float = 1.0  # Beta(alpha, alpha) cutmix; 0 = off
     switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     smoothing: float = 0.1  # label smoothing of the (mixed) targets
+
+    @property
+    def random_crop(self) -> bool:
+        return tuple(self.scale) != (1.0, 1.0)
+
+    @property
+    def needs_kornia(self) -> bool:
+        """kornia runs the batched crop (datasets that do not crop on the worker), flip, RandAugment, jitter and
+        erasing; `none` (and mixup / cutmix / smoothing alone) need no kornia."""
+        return self.random_crop or self.hflip > 0 or self.randaugment or self.color_jitter > 0 or self.erasing > 0
 
     @classmethod
     def none(cls) -> "AugmentConfig":
@@ -128,21 +177,28 @@ class TrainAugment(nn.Module):
     """Batched DeiT training augmentation on the device (kornia). uint8 (B, 3, h, w) -> (normalised x, targets).
 
     targets are soft (B, K) when mixup / cutmix / smoothing are on, else the integer labels (B,).
+    crop: run RandomResizedCrop here, on the batch (for datasets that do not crop on the worker, e.g. the demo);
+        False when the workers already cropped each original image (`ImageFolder(random_crop=...)`).
+    kornia is imported only when an operation needs it (`AugmentConfig.needs_kornia`).
     """
 
-    def __init__(self, img_size: int, num_classes: int, cfg: AugmentConfig = None):
+    def __init__(self, img_size: int, num_classes: int, cfg: AugmentConfig = None, crop: bool = True):
         super().__init__()
-        import kornia.augmentation as K
-        from kornia.augmentation.auto import RandAugment
-
         self.cfg = cfg = cfg or AugmentConfig()
         self.img_size, self.num_classes = img_size, num_classes
+        batch_crop = crop and cfg.random_crop
+        pixel = batch_crop or cfg.hflip > 0 or cfg.randaugment or cfg.color_jitter > 0
+        if pixel or cfg.erasing > 0:
+            import kornia.augmentation as K
         ops = []
-        if cfg.scale != (1.0, 1.0):
-            ops.append(K.RandomResizedCrop((img_size, img_size), scale=cfg.scale, resample="BICUBIC"))
+        if batch_crop:
+            ops.append(K.RandomResizedCrop((img_size, img_size), scale=cfg.scale, ratio=cfg.ratio,
+                                           resample="BICUBIC"))
         if cfg.hflip > 0:
             ops.append(K.RandomHorizontalFlip(p=cfg.hflip))
         if cfg.randaugment:
+            from kornia.augmentation.auto import RandAugment
+
             # kornia's magnitude scale is 0..30 where timm's is 0..10: m9 of 10 = 27 of 30
             ops.append(RandAugment(n=2, m=cfg.randaugment_m * 3))
         elif cfg.color_jitter > 0:

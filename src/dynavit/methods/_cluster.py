@@ -6,7 +6,7 @@ loops over images: every function takes (B, M, C) features with the same M per i
   delta to the nearest denser token, centres = top-n of rho * delta, then assignment to the nearest centre or
   along the chain of nearest denser neighbours (classic DPC).
 - `kmeans_cluster`: Lloyd iterations (the slower alternative the paper ablates).
-- `pool_groups`: contiguous chunks of a sequence (the pooling ablation).
+- `pool_groups`: contiguous chunks of a sequence; with `morton_key` order, spatial pooling (the pooling ablation).
 - `greedy_pairs`: the most cosine-similar disjoint pairs, best first (BAT's attentive-token matching).
 
 Shapes and control flow depend only on the sizes, never on the values (no `.item()`; the one early exit, in
@@ -157,6 +157,18 @@ def kmeans_cluster(z: Tensor, n: int, iters: int = 3) -> tuple[Tensor, Tensor]:
         centre = torch.where(count.unsqueeze(-1) > 0, total / count.clamp_min(1).unsqueeze(-1), centre)
     label = cdist(z, centre).argmin(dim=-1)
     return label.scatter(1, seeds, torch.arange(n, device=z.device).expand(B, n)), seeds
+
+
+def morton_key(row: Tensor, col: Tensor, side: int) -> Tensor:
+    """Z-order (Morton) index of integer grid positions in [0, side): bits of row and col interleaved (long).
+
+    Runs of consecutive keys are compact squares of the grid: on a 2^a x 2^a grid, runs of 4^b keys starting at a
+    multiple of 4^b are exactly the 2^b x 2^b pooling windows.
+    """
+    key = torch.zeros_like(row)
+    for bit in range(max(1, math.ceil(math.log2(max(side, 2))))):
+        key |= ((row >> bit) & 1) << (2 * bit + 1) | ((col >> bit) & 1) << (2 * bit)
+    return key
 
 
 def pool_groups(batch: int, length: int, n: int, device=None) -> Tensor:

@@ -16,12 +16,10 @@ from ..errors import ConfigError, check_keep_rate
 from ..reduction import TokenReducer
 from ..tokens import TokenState
 
-# EViT trains 300 epochs with the keep rate at 1 for 10 epochs, then a cosine to rho over 100 epochs: the same
-# fractions of training are used by every recipe with a keep-rate schedule ((start, length) of training).
-KEEP_SCHEDULE = (10 / 300, 100 / 300)
-
-# EViT / BAT locations (0-based block indices) where they differ from `stage_locations`: LV-ViT-S (16 blocks)
-_CLASS_ATTENTION_LOCATIONS = {16: (3, 7, 11)}
+# EViT / BAT locations (0-based block indices) are `stage_locations`: layers 4, 7, 10 of 12-block models; at depth
+# 16 (LV-ViT-S) the 0-based (4, 8, 12) that reproduce the published GMACs (BAT 4.7, EViT 4.7 / 3.9; (3, 7, 11)
+# gives 4.51), named `LVVIT_S_LOCATIONS` (docs/bat.md). The demo backbone is 12 blocks deep.
+LVVIT_S_LOCATIONS = (4, 8, 12)
 
 
 def stage_locations(depth: int, num_stages: int = 3) -> tuple:
@@ -33,15 +31,10 @@ def stage_locations(depth: int, num_stages: int = 3) -> tuple:
     return locs
 
 
-def default_locations(depth: int) -> tuple:
-    """EViT / BAT locations: (3, 6, 9) at depth 12, (3, 7, 11) at 16 (BAT Sec. 5.1), else `stage_locations`."""
-    return _CLASS_ATTENTION_LOCATIONS.get(depth) or stage_locations(depth)
-
-
 def check_locations(locations: Optional[Sequence[int]], depth: int, name: str = "locations") -> tuple:
-    """Validate block indices (ints, strictly increasing, in [0, depth)); None -> the EViT / BAT default."""
+    """Validate block indices (ints, strictly increasing, in [0, depth)); None -> `stage_locations(depth)`."""
     if locations is None:
-        return default_locations(depth)
+        return stage_locations(depth)
     try:
         locs = tuple(operator.index(i) for i in locations)
     except TypeError:
@@ -98,9 +91,13 @@ class StageReducer(TokenReducer):
         if s is None:
             return state
         if keep_count(self.keep_rates[s], state.num_tokens) < state.num_tokens:  # else the stage keeps all
-            state = self.reduce(state, cls_attn, keys, self.keep_rates[s])
+            state = self.reduce(state, cls_attn, keys, self.keep_rates[s], **self.stage_inputs(model, s))
         state.record_stage()
         return state
+
+    def stage_inputs(self, model: nn.Module, s: int) -> dict:
+        """Further keyword arguments of `reduce` at stage s, read from the model (e.g. its patch grid)."""
+        return {}
 
     def reduce(self, state: TokenState, cls_attn: Optional[Tensor], keys: Optional[Tensor],
                keep_rate: float) -> TokenState:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keep_rate
-from ..losses import classification_loss
+from ..losses import classification_loss, logit_distillation
 from ..recipes import Recipe
 from ..reduction import TokenReducer
 from ..registry import register_method, remove_method
@@ -241,11 +241,14 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: flo
         return _PolicyAttention.apply(q, k, v, policy, scale, eps)
 
 
-def policy_attend(policy: Tensor):
-    """The `attend` attention argument for a policy (B, P+N): attend(q, k, v, scale) = policy_attention(...)."""
-    def attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        return policy_attention(q, k, v, policy, scale)
-    return attend
+@dataclass(frozen=True, eq=False)
+class PolicyAttend:
+    """The `attend` attention argument of a policy (B, P+N): attend(q, k, v, scale) = policy_attention(...)."""
+
+    policy: Tensor
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        return policy_attention(q, k, v, self.policy, scale)
 
 
 @dataclass
@@ -266,11 +269,13 @@ class DynamicViT(TokenReducer):
     name = "dynamicvit"
 
     def __init__(self, num_patches: int, depth: int, keep_rate: Union[float, Sequence[float]] = 0.7,
-                 prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk"):
+                 prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk",
+                 early_policy: bool = False):
         if keep_mode not in KEEP_MODES:
             raise ConfigError(f"keep_mode must be one of {list(KEEP_MODES)}, got {keep_mode!r}")
         self.num_patches = num_patches  # N from the patch grid (the authors hard-coded 196)
         self.keep_mode = keep_mode
+        self.early_policy = bool(early_policy)  # training: all-ones policy before the first predictor (authors')
         if prune_locations is None:
             stages = len(keep_rate) if isinstance(keep_rate, (list, tuple)) and keep_rate else 3
             self.locations = default_locations(depth, stages)
@@ -290,6 +295,10 @@ class DynamicViT(TokenReducer):
 
     # ------------------------------------------------------------------ hooks
     def before_block(self, model: nn.Module, i: int, state: TokenState) -> TokenState:
+        if i == 0 and model.training and self.early_policy:
+            # the authors' training forward starts from an all-ones policy, so the blocks before the first
+            # predictor also run the eps-smoothed masked softmax (a 1e-6-level difference from a plain softmax)
+            state.aux["policy"] = state.x.new_ones(state.x.shape[0], state.x.shape[1])
         s = self._stage_of.get(i)
         if s is None:
             return state
@@ -348,7 +357,7 @@ class DynamicViT(TokenReducer):
     def attention_args(self, i: int, state: TokenState) -> dict:
         policy = state.aux.get("policy")
         if policy is not None:  # training, after the first stage: the masked softmax of Sec. 3.3
-            return {"attend": policy_attend(policy)}
+            return {"attend": PolicyAttend(policy)}
         bias = state.aux.get("attn_bias")  # threshold mode: padding slots masked out
         return {} if bias is None else {"attn_bias": bias}
 
@@ -365,11 +374,16 @@ class DynamicViT(TokenReducer):
             logits = model.forward_head(state.x, valid=valid)
         return logits
 
+    def export_blocker(self) -> Optional[str]:
+        if self.keep_mode == "threshold":
+            return ("DynamicViT keep_mode='threshold' keeps a per-image number of tokens (data-dependent shapes); "
+                    "export keep_mode='topk' (the default) or run it eagerly")
+        return None
+
     def extra_repr(self) -> str:
         ratios = [round(r, 4) for r in self.keep_ratios]
         return (f"keep_ratios={ratios}, keep_counts={self.keep_counts}, locations={self.locations}, "
-                f"keep_mode={self.keep_mode!r}")
-
+                f"keep_mode={self.keep_mode!r}" + (", early_policy=True" if self.early_policy else ""))
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -379,12 +393,6 @@ def keep_ratio_loss(decisions: Sequence[Tensor], keep_ratios: Sequence[float]) -
         raise ConfigError(f"got {len(decisions)} stages of decisions but {len(keep_ratios)} keep ratios "
                           f"{list(keep_ratios)}")
     return sum(((d.mean(dim=1) - r) ** 2).mean() for d, r in zip(decisions, keep_ratios))
-
-
-def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
-    """KL(teacher || student) of the class logits (B, K), temperature 1, summed over classes, mean over B."""
-    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
-                    log_target=True)
 
 
 def masked_token_mse(tokens: Tensor, teacher_tokens: Tensor, mask: Tensor) -> Tensor:
@@ -511,20 +519,23 @@ def dynamicvit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool
 
 # ---------------------------------------------------------------------------------------------- registration
 RECIPE = Recipe(
-    "dynamicvit", "DynamicViT (docs/methods.md 3.3): 30 epochs from a pretrained dense model, lr 1e-3 x B/1024, "
-    "backbone lr x 0.01 and frozen for 5 epochs, cls_token / pos_embed fixed, dense teacher distillation, EMA",
-    epochs=30, lr=1e-3, lr_batch=1024, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, distill=True,
-    backbone_lr_scale=0.01, head_patterns=("score_predictor.*",), frozen_patterns=("cls_token", "pos_embed"),
-    freeze_backbone_epochs=5, ema_decay=0.99996)
+    "dynamicvit", "DynamicViT, as the authors' current release (commit 1322e62): 30 epochs from a pretrained dense "
+    "model, lr 1e-3 x B/1024, warm-up 5 epochs from lr 0 (np.linspace per step), backbone lr x 0.01 and lr 0 for 5 "
+    "epochs (AdamW still steps it), cls_token / pos_embed fixed, dense teacher distillation, EMA 0.9999",
+    epochs=30, lr=1e-3, lr_batch=1024, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, warmup_start=0.0,
+    warmup_style="linspace", distill=True, backbone_lr_scale=0.01, head_patterns=("score_predictor.*",),
+    frozen_patterns=("cls_token", "pos_embed"), freeze_backbone_epochs=5, freeze_mode="zero_lr", ema_decay=0.9999)
 
 
 @register_method(
-    "dynamicvit", params=("keep_rate", "prune_locations", "keep_mode"), families=("vit",), recipe=RECIPE,
-    criterion=dynamicvit_criterion, attention_extras=("attn_bias", "attend"), identity={"keep_rate": 1.0},
+    "dynamicvit", params=("keep_rate", "prune_locations", "keep_mode", "early_policy"), families=("vit",),
+    recipe=RECIPE, criterion=dynamicvit_criterion, attention_extras=("attn_bias", "attend"),
+    identity={"keep_rate": 1.0},
     info_fields={"keep_logp": "per stage, (B, T) keep log-probability of each token entering the stage",
                  "kept_per_image": "keep_mode='threshold': per stage, (B,) tokens kept by each image"})
 def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
-                     prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk") -> nn.Module:
+                     prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk",
+                     early_policy: bool = False) -> nn.Module:
     """DynamicViT: learned prediction modules prune tokens hierarchically (keep ratios rho, rho^2, rho^3).
 
     Args:
@@ -533,8 +544,10 @@ def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] 
             [5, 10, 15] at 20; in general depth * s / (S + 1)).
         keep_mode: 'topk' (the authors': int(N * ratio) tokens per image) or 'threshold' (per image, the tokens
             with keep probability > 0.5, padded per batch with an attention mask).
+        early_policy: training only: the blocks before the first predictor also run the eps-smoothed masked
+            softmax with an all-ones policy, as the authors' training forward does (docs/dynamicvit.md).
     """
-    reducer = DynamicViT(model.num_patches, len(model.blocks), keep_rate, prune_locations, keep_mode)
+    reducer = DynamicViT(model.num_patches, len(model.blocks), keep_rate, prune_locations, keep_mode, early_policy)
     ref = next(model.parameters())
     model.score_predictor = nn.ModuleList(ScorePredictor(model.embed_dim) for _ in reducer.locations).to(
         device=ref.device, dtype=ref.dtype)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..recipes import Recipe
 from ..registry import register_method
 from ..tokens import TokenState, merge_tokens, select_tokens
-from ._common import KEEP_SCHEDULE, StageReducer, keep_count, patch_scores, record_extra
+from ._common import StageReducer, keep_count, patch_scores, record_extra
 
 
 def topk_index(scores: Tensor, k: int) -> Tensor:
@@ -61,6 +61,10 @@ class EViTReducer(StageReducer):
         return f"{super().extra_repr()}, fuse={self.fuse}"
 
 
+# EViT trains 300 epochs with the keep rate at 1 for 10 epochs, then a cosine to rho over 100 epochs
+# ((start, length) fractions of training); its fine-tune keeps rho from the first step (shrink_start_epoch 0,
+# shrink_epochs 0).
+KEEP_SCHEDULE = (10 / 300, 100 / 300)
 RECIPE = Recipe("evit", "EViT fine-tune (BAT paper's 30-epoch recipe): lr 2e-5 x B/512, min 2e-6, wd 1e-6, keep-rate "
                 "cosine 1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
                 keep_schedule=KEEP_SCHEDULE)
@@ -75,7 +79,7 @@ def apply_evit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
 
     Args:
         keep_rate: rho in (0, 1] (or one per location); change it later with `model.reducer.set_keep_rate`.
-        locations: blocks acting between attention and MLP (default [3, 6, 9] at depth 12, [3, 7, 11] at 16).
+        locations: blocks acting between attention and MLP (default [3, 6, 9] at depth 12, [4, 8, 12] at 16).
         fuse: fuse the inattentive tokens into one (True, EViT) or drop them (False).
     """
     model.reducer = EViTReducer(len(model.blocks), keep_rate, locations, fuse)

@@ -112,13 +112,13 @@ def merge_by_size(state: TokenState, group: Tensor, num_groups: int) -> TokenSta
     sizes = state.patch_sizes()  # (B, T) float32
     w = sizes.to(x.dtype)
     flat = (group + torch.arange(B, device=x.device).unsqueeze(1) * G).reshape(-1)
-    summed = x.new_zeros(B * G, C).index_add(0, flat, (x[:, P:] * w.unsqueeze(-1)).reshape(B * T, C))
+    summed = x.new_zeros(B * G, C).index_add_(0, flat, (x[:, P:] * w.unsqueeze(-1)).reshape(B * T, C))
     new_sizes = sizes.new_zeros(B, G).scatter_add_(1, group, sizes)  # (B, G)
     total = new_sizes if w.dtype == sizes.dtype else x.new_zeros(B, G).scatter_add_(1, group, w)
     denom = total.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
-    if torch.is_grad_enabled() and (x.requires_grad or denom.requires_grad):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or denom.requires_grad)):
         state.x = torch.cat([x[:, :P], summed.view(B, G, C) / denom], dim=1)
-    else:  # out= has no autograd
+    else:  # out= has no autograd, and dynamo takes no strided out=
         out = x.new_empty(B, P + G, C)
         out[:, :P] = x[:, :P]
         torch.div(summed.view(B, G, C), denom, out=out[:, P:])

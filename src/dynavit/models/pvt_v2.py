@@ -3,17 +3,21 @@ attention and a depth-wise conv in the MLP (docs/methods.md 7). The dense twin o
 
 State-dict keys are timm's: `patch_embed.{proj,norm}`, `stages.{s}.downsample.{proj,norm}`,
 `stages.{s}.blocks.{j}.{norm1, attn.{q,kv,sr,norm,proj}, norm2, mlp.{fc1,dwconv,fc2}}`, `stages.{s}.norm`, `head`.
+Two other released layouts are converted on load (`convert_pvt_v2_state_dict`): the authors' (whai362/PVT,
+`patch_embed{1..4}`, `block{1..4}.{j}`, `norm{1..4}`, `mlp.dwconv.dwconv`) and Hugging Face transformers'
+(`pvt_v2.encoder.layers.{s}.{patch_embedding, blocks.{j}, layer_norm}`, separate `key` / `value`, `classifier`).
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, check_image_batch
 from ..layers import DropPath
 from ..registry import register_model
 
@@ -47,8 +51,9 @@ class OverlapPatchEmbed(nn.Module):
 class SRAttention(nn.Module):
     """Spatial-reduction attention: queries from tokens, keys / values from conv(k=R, s=R)+LN of the whole map.
 
-    forward(x (B, N, C) normed full map, size, query (B, k, C) or None = x) -> (B, k, C).
-    Keys and values always come from the full map, so any subset of queries is computed exactly (DiT).
+    forward(x (B, N, C) normed full map, size, query (B, k, C) or None = x, kv_mask (B, M) bool or None)
+    -> (B, k, C). Keys and values always come from the full map, so any subset of queries is computed exactly
+    (DiT); kv_mask drops keys (DiT: reduced cells that no token has reached).
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True):
@@ -73,12 +78,14 @@ class SRAttention(nn.Module):
         kv = self.kv(x).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return kv.unbind(0)
 
-    def forward(self, x: Tensor, size: Size, query: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, size: Size, query: Optional[Tensor] = None,
+                kv_mask: Optional[Tensor] = None) -> Tensor:
         query = x if query is None else query
         B, K, C = query.shape
         q = self.q(query).reshape(B, K, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, K, d)
         k, v = self.keys_values(x, size)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, K, d)
+        mask = None if kv_mask is None else kv_mask[:, None, None, :]  # (B, 1, 1, M)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
         return self.proj(out.transpose(1, 2).reshape(B, K, C))
 
 
@@ -177,11 +184,7 @@ class PyramidVisionTransformerV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise InputError(f"expected an image batch (B, {self.in_chans}, H, W), got {shape}")
-        if not x.is_floating_point():
-            raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}")
+        check_image_batch(x, self.in_chans)
         if x.shape[2] < 32 or x.shape[3] < 32:
             raise InputError(f"PVTv2 needs images of at least 32x32, got {x.shape[2]}x{x.shape[3]}")
 
@@ -210,6 +213,79 @@ class PyramidVisionTransformerV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x)[-1])
+
+    def checkpoint_filter(self, sd: dict) -> dict:
+        """Called by `dynavit.checkpoint.filter_state_dict`: authors' / transformers' keys -> ours (timm's)."""
+        return convert_pvt_v2_state_dict(sd)
+
+
+# ---------------------------------------------------------------- other checkpoint layouts
+def pvt_v2_layout(sd) -> str:
+    """'official' (whai362/PVT), 'hf' (transformers' PvtV2ForImageClassification / PvtV2Model) or 'timm'."""
+    if any(k.startswith(("pvt_v2.encoder.", "encoder.layers.")) for k in sd):
+        return "hf"
+    if any(re.match(r"^(patch_embed[1-4]|block[1-4])\.", k) for k in sd):
+        return "official"
+    return "timm"
+
+
+_OFFICIAL_RULES = [  # whai362/PVT classification/pvt_v2.py -> timm (the same renaming as timm's filter)
+    (r"^patch_embed1\.", "patch_embed."),
+    (r"^patch_embed([2-4])\.", lambda m: f"stages.{int(m.group(1)) - 1}.downsample."),
+    (r"^block([1-4])\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}."),
+    (r"^norm([1-4])\.", lambda m: f"stages.{int(m.group(1)) - 1}.norm."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+]
+
+_HF_RULES = [  # transformers models/pvt_v2/modeling_pvt_v2.py -> timm (key / value handled separately)
+    (r"^encoder\.layers\.0\.patch_embedding\.layer_norm\.", "patch_embed.norm."),
+    (r"^encoder\.layers\.0\.patch_embedding\.", "patch_embed."),
+    (r"^encoder\.layers\.(\d+)\.patch_embedding\.layer_norm\.", r"stages.\1.downsample.norm."),
+    (r"^encoder\.layers\.(\d+)\.patch_embedding\.", r"stages.\1.downsample."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm\.", r"stages.\1.norm."),
+    (r"^encoder\.layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"\.layer_norm_1\.", ".norm1."),
+    (r"\.layer_norm_2\.", ".norm2."),
+    (r"\.attention\.query\.", ".attn.q."),
+    (r"\.attention\.spatial_reduction\.", ".attn.sr."),
+    (r"\.attention\.layer_norm\.", ".attn.norm."),
+    (r"\.attention\.proj\.", ".attn.proj."),
+    (r"\.mlp\.dense1\.", ".mlp.fc1."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+    (r"\.mlp\.dense2\.", ".mlp.fc2."),
+    (r"^classifier\.", "head."),
+]
+_HF_KV = re.compile(r"^(.*)\.attention\.(key|value)\.(weight|bias)$")
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def convert_pvt_v2_state_dict(sd: dict) -> dict:
+    """Any released PVTv2 layout -> ours (timm's). transformers' `key` and `value` are stacked into `kv`
+    (rows k then v, the order `SRAttention.keys_values` splits them in); other layouts are renamed only."""
+    layout = pvt_v2_layout(sd)
+    if layout == "official":
+        return {_rename(k, _OFFICIAL_RULES): v for k, v in sd.items()}
+    if layout == "timm":
+        return dict(sd)
+    out, kv = {}, {}
+    for key, value in sd.items():
+        k = re.sub(r"^pvt_v2\.", "", key)
+        m = _HF_KV.match(k)
+        if m:
+            kv.setdefault((_rename(m.group(1), _HF_RULES), m.group(3)), {})[m.group(2)] = value
+            continue
+        out[_rename(k, _HF_RULES)] = value
+    for (prefix, kind), parts in kv.items():
+        if set(parts) != {"key", "value"}:
+            raise CheckpointError(f"transformers PVTv2 checkpoint: {prefix} has {sorted(parts)} {kind}, "
+                                  f"needs both key and value")
+        out[f"{prefix}.attn.kv.{kind}"] = torch.cat([parts["key"], parts["value"]], dim=0)
+    return out
 
 
 # variant table (docs/methods.md 7): depths, widths, MLP ratios; heads 1, 2, 5, 8 and SR ratios 8, 4, 2, 1 throughout

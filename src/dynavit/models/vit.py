@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, check_image_batch
 from ..layers import Block, PatchEmbed, patch_grid
 from ..reduction import TokenReducer
 from ..registry import register_model
@@ -73,15 +73,7 @@ class VisionTransformer(nn.Module):
     # ---------------------------------------------------------------- input
     def check_input(self, x: Tensor) -> None:
         """Raise InputError for a tensor this model cannot take (instead of a shape error deep in torch)."""
-        if not isinstance(x, Tensor):
-            raise InputError(f"expected an image tensor (B, {self.in_chans}, H, W), got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}; "
-                             f"convert with x.float() / 255 and normalise")
-        if x.ndim != 4:
-            raise InputError(f"expected a 4-d image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise InputError(f"expected {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        check_image_batch(x, self.in_chans)
         if tuple(x.shape[2:]) != (self.img_size, self.img_size):
             raise InputError(f"this model takes {self.img_size}x{self.img_size} images, got "
                              f"{x.shape[2]}x{x.shape[3]}; resize the input, or build the model with "

@@ -14,6 +14,7 @@ from typing import Callable, Union
 from torch import Tensor, nn
 
 from ..losses import classification_loss
+from ..registry import get_spec
 
 
 class ClassificationCriterion(nn.Module):
@@ -32,9 +33,12 @@ class ClassificationCriterion(nn.Module):
 
 
 def build_criterion(model: nn.Module, factory: Union[None, str, Callable[..., nn.Module]] = None,
-                    smoothing: float = 0.0, distill: bool = True) -> nn.Module:
-    """The criterion of a spec (`spec.criterion`), or cross-entropy when it has none (None or 'classification').
+                    smoothing: float = 0.0, distill: bool = True, **options) -> nn.Module:
+    """The criterion of a spec (`spec.criterion`, or the spec's name: a method or model family), or cross-entropy
+    when it has none (None or 'classification'). `options` go to the factory (e.g. DiT's `start`, `weight`).
     A factory may copy `model` (a dense teacher), so call this after loading the initial weights."""
+    if isinstance(factory, str) and factory != "classification":
+        factory = get_spec(factory).criterion
     if factory is None or factory == "classification":
         return ClassificationCriterion(smoothing)
-    return factory(model, smoothing=smoothing, distill=distill)
+    return factory(model, smoothing=smoothing, distill=distill, **options)

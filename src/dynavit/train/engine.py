@@ -33,7 +33,7 @@ from ..data.transforms import AugmentConfig, TrainAugment
 from ..errors import ConfigError, TrainingError
 from . import dist as D
 from .evaluate import autocast, evaluate, model_numbers, throughput
-from .optim import ModelEma, cosine_lr, keep_rate_at, param_groups
+from .optim import WARMUP_STYLES, ModelEma, cosine_lr, keep_rate_at, param_groups
 from .state import (RunLock, append_jsonl, latest_checkpoint, load_run_checkpoint, rng_state, save_run_checkpoint,
                     set_rng_state)
 
@@ -52,12 +52,15 @@ class TrainConfig:
     lr: float = 5e-4  # peak lr (already scaled to the global batch)
     min_lr: float = 1e-5
     warmup_epochs: float = 0.0
+    warmup_start: float = 1e-6  # lr at the first warm-up step
+    warmup_style: str = "linear"  # linear | linspace (DynamicViT release: np.linspace(start, lr, warmup steps))
     weight_decay: float = 0.05
     clip_grad: Optional[float] = None  # max global grad norm (None = no clipping)
     backbone_lr_scale: float = 1.0
     head_patterns: tuple = ()  # parameters at the full lr when backbone_lr_scale != 1
     frozen_patterns: tuple = ()  # parameters never trained
     freeze_backbone_epochs: float = 0.0  # 'backbone' parameters not updated for this long
+    freeze_mode: str = "no_grad"  # no_grad: their gradients are dropped | zero_lr: lr 0, AdamW still sees them
     ema_decay: float = 0.0  # 0 = no EMA
     amp: str = "auto"  # auto | none | bf16 | fp16
     seed: int = 0
@@ -75,6 +78,13 @@ class TrainConfig:
     find_unused_parameters: bool = False
     tensorboard: bool = False
     stop_after_step: Optional[int] = None  # testing: exit abruptly right after this step's checkpoint
+
+
+# How a frozen backbone is held still. no_grad: its gradients are set to None before the step, so AdamW skips
+# it (moments and step count start when it is released). zero_lr: its lr is 0 while AdamW steps it as usual
+# (moments and step count advance, weights do not move: lr * update = 0 and 1 - lr * wd = 1), the DynamicViT
+# release's `fix_step` (docs/dynamicvit.md).
+FREEZE_MODES = ("no_grad", "zero_lr")
 
 
 def resolve_amp(amp: str, device: torch.device):
@@ -117,7 +127,8 @@ class Trainer:
                                         cfg.workers, pin_memory=self.device.type == "cuda")
         self.val_loader = (make_loader(val_set, cfg.batch_size, False, self.info.rank, self.info.world, cfg.seed,
                                        cfg.workers) if val_set is not None else None)
-        self.augment = TrainAugment(cfg.img_size, cfg.num_classes, cfg.augment)
+        self.augment = TrainAugment(cfg.img_size, cfg.num_classes, cfg.augment,
+                                    crop=not getattr(train_set, "crops_on_worker", False))
         micro = self.train_loader.sampler.steps_per_epoch()
         self.steps_per_epoch = micro // cfg.accum_steps
         if self.steps_per_epoch < 1:
@@ -129,6 +140,9 @@ class Trainer:
         self.num_epochs = math.ceil(self.total_steps / spe)
         self.warmup_steps = int(round(cfg.warmup_epochs * spe))
         self.freeze_steps = int(round(cfg.freeze_backbone_epochs * spe))
+        if cfg.freeze_mode not in FREEZE_MODES or cfg.warmup_style not in WARMUP_STYLES:
+            raise TrainingError(f"freeze_mode must be one of {list(FREEZE_MODES)} and warmup_style one of "
+                                f"{list(WARMUP_STYLES)}, got {cfg.freeze_mode!r}, {cfg.warmup_style!r}")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_train = 0  # undecodable training images met (each time one is read)
         self.empty_steps = 0  # optimiser steps skipped because every image of the batch was undecodable
@@ -137,9 +151,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ schedules
     def _apply_schedules(self) -> Optional[float]:
-        lr = cosine_lr(self.step, self.total_steps, self.cfg.lr, self.warmup_steps, self.cfg.min_lr)
+        cfg = self.cfg
+        lr = cosine_lr(self.step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr, cfg.warmup_start,
+                       cfg.warmup_style)
+        frozen = cfg.freeze_mode == "zero_lr" and self.step < self.freeze_steps
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = 0.0 if frozen and group["part"] == "backbone" else lr * group["lr_scale"]
         self.lr = lr
         reducer = getattr(self.model, "reducer", None)
         keep = None
@@ -269,7 +286,7 @@ class Trainer:
                 parts[k] = parts.get(k, 0.0) + float(v) / len(batches)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.step < self.freeze_steps:
+        if self.step < self.freeze_steps and self.cfg.freeze_mode == "no_grad":
             for g in self.optimizer.param_groups:
                 if g["part"] == "backbone":
                     for p in g["params"]:

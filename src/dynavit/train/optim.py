@@ -43,10 +43,20 @@ def param_groups(model: nn.Module, weight_decay: float, head_patterns=(), backbo
     return [groups[k] for k in sorted(groups)]
 
 
+WARMUP_STYLES = ("linear", "linspace")
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, minimum: float = 0.0,
-              warmup_start: float = 1e-6) -> float:
-    """Linear warm-up from warmup_start to base over `warmup` steps, then cosine from base to minimum."""
+              warmup_start: float = 1e-6, style: str = "linear") -> float:
+    """Linear warm-up from warmup_start to base over `warmup` steps, then cosine from base to minimum.
+
+    style="linear": warmup_start + (base - warmup_start) * step / warmup (base is first reached at step `warmup`).
+    style="linspace": step `step` of np.linspace(warmup_start, base, warmup), the DynamicViT release's
+    `utils.cosine_scheduler` (base is reached at the last warm-up step, then the cosine starts at base again).
+    """
     if warmup > 0 and step < warmup:
+        if style == "linspace":
+            return warmup_start + (base - warmup_start) * (step / (warmup - 1) if warmup > 1 else 0.0)
         return warmup_start + (base - warmup_start) * step / warmup
     t = (step - warmup) / max(1, total - warmup)
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
