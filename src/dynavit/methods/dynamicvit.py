@@ -39,22 +39,35 @@ _POLICY_EPS = 1e-6  # guards the masked global mean when every token of an image
 class ScorePredictor(nn.Module):
     """The authors' `PredictorLG`: (B, T, C) tokens -> (B, T, 2) log-probabilities, index 0 = keep (Sec. 3.1).
 
-    Local half of the features per token, global half averaged over the tokens still kept (`policy`).
+    LN -> linear -> GELU; the local half of the features per token, the global half averaged over the tokens still
+    kept (`policy`; all of them when None); then C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax. DynamicCNN /
+    DynamicSwin reuse it on stage-3 positions (always the plain mean): `conv=True` holds the layers as 1x1 Conv2d
+    (ConvNeXt's keys; its LayerNorm eps 1e-6), else as Linear (DynamicViT, Swin; eps 1e-5). Both compute on
+    channels-last tokens.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, conv: bool = False):
         super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
-        self.out_conv = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
-                                      nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+        def lin(i: int, o: int) -> nn.Module:
+            return nn.Conv2d(i, o, 1) if conv else nn.Linear(i, o)
+
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=1e-6 if conv else 1e-5), lin(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(lin(dim, dim // 2), nn.GELU(), lin(dim // 2, dim // 4), nn.GELU(),
+                                      lin(dim // 4, 2), nn.LogSoftmax(dim=-1))
         for m in self.modules():  # the authors' init (timm's ViT init)
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def _w(m: nn.Module) -> Tensor:
+        return m.weight.flatten(1)  # (out, in, 1, 1) 1x1 conv or (out, in) Linear -> (out, in)
+
     def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:
         """x (B, T, C), policy (B, T, 1) keep mask or None (= all kept) -> log p (B, T, 2)."""
-        z = self.in_conv(x)  # (B, T, C)
+        ln, first = self.in_conv[0], self.in_conv[1]
+        z = F.gelu(F.linear(ln(x), self._w(first), first.bias))  # (B, T, C)
         half = z.shape[-1] // 2
         local, glob = z[..., :half], z[..., half:]
         if policy is None:
@@ -64,9 +77,11 @@ class ScorePredictor(nn.Module):
             glob = (glob * policy).sum(dim=1, keepdim=True) / total
         # out_conv[0](cat[local, global expanded over T]) with the weight split in two: the global half is one
         # row per image, so it costs (B, 1, C/2) instead of (B, T, C/2) and the (B, T, C) concatenation is never made
-        first = self.out_conv[0]
-        h = F.linear(local, first.weight[:, :half], first.bias) + F.linear(glob, first.weight[:, half:])  # (B, T, C/2)
-        return self.out_conv[1:](h)
+        m0, m2, m4 = self.out_conv[0], self.out_conv[2], self.out_conv[4]
+        w0 = self._w(m0)
+        h = F.gelu(F.linear(local, w0[:, :half], m0.bias) + F.linear(glob, w0[:, half:]))  # (B, T, C/2)
+        h = F.gelu(F.linear(h, self._w(m2), m2.bias))
+        return F.linear(h, self._w(m4), m4.bias).log_softmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- plans
