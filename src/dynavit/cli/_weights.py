@@ -22,6 +22,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from ..registry import create_model
 
 PARTIAL_FLAG = "--allow-partial"
 HEAD_PREFIXES = ("head.", "head_dist.", "aux_head.")
@@ -149,6 +150,18 @@ def checkpoint_classes(w: Weights) -> Optional[int]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
         n = num_classes_of(sd) or n
     return n
+
+
+def model_and_weights(args) -> tuple:
+    """(model, Weights or None, model name, method) of `--checkpoint` and the command line: the model built with
+    the checkpoint's class count unless `--num-classes` gives one, the weights resolved but not loaded yet."""
+    w = resolve_weights(args.checkpoint) if args.checkpoint else None
+    name, method, kw = model_for(args, w)
+    if w is not None and "num_classes" not in kw:
+        n = checkpoint_classes(w)
+        if n is not None:
+            kw["num_classes"] = n
+    return create_model(name, method=method, **kw), w, name, method
 
 
 def _method_assets(backbone: Optional[str], method: Optional[str]) -> list:

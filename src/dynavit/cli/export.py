@@ -29,18 +29,11 @@ def run(args) -> int:
     modules = ("onnx",) + (() if args.legacy else ("onnxscript",)) + (() if args.no_verify else ("onnxruntime",))
     require("export", "dynavit export", modules)
     from ..export import ExportError, export_blocker, export_onnx
-    from ..registry import create_model
-    from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
+    from ._weights import load_weights, model_and_weights
     from ._common import check_output_file
 
     check_output_file(Path(args.onnx))
-    w = resolve_weights(args.checkpoint) if args.checkpoint else None
-    name, method, kw = model_for(args, w)
-    if w is not None and "num_classes" not in kw:
-        n = checkpoint_classes(w)
-        if n is not None:
-            kw["num_classes"] = n
-    model = create_model(name, method=method, **kw)
+    model, w, name, method = model_and_weights(args)
     blocker = export_blocker(model)
     if blocker:  # before loading weights or starting the exporter
         raise ExportError(f"cannot export {name}" + (f" + {method}" if method else "") + f" to ONNX: {blocker}")

@@ -48,20 +48,13 @@ def run(args) -> int:
     require("plot", "dynavit viz", ("matplotlib",))
     import torch
 
-    from ..registry import create_model
     from ..viz import panels_for, save_grid
-    from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
+    from ._weights import load_weights, model_and_weights
 
     images = [Path(p) for p in args.image]
     out = Path(args.output) if args.output else images[0].with_name(images[0].stem + "_tokens.png")
     check_output_file(out)
-    w = resolve_weights(args.checkpoint) if args.checkpoint else None
-    name, method, kw = model_for(args, w)
-    if w is not None and "num_classes" not in kw:
-        n = checkpoint_classes(w)
-        if n is not None:
-            kw["num_classes"] = n
-    model = create_model(name, method=method, **kw)
+    model, w, name, method = model_and_weights(args)
     if w is not None:
         load_weights(model, w, partial=args.allow_partial)
     model.eval()
