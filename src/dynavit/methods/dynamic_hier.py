@@ -339,6 +339,68 @@ def _swin_fast(blk: nn.Module) -> None:
     blk.fastmlp.apply(_init_linear)
 
 
+# ---------------------------------------------------------------------------------------------- registration
+RECIPES = {name: Recipe(
+    name, f"{label} (TPAMI, the authors' README; docs/dynamic-hierarchical.md): 120 epochs from a pretrained dense "
+    "model, lr 4e-3 x B/4096, warm-up 20, backbone lr x 0.2 and frozen for 5 epochs, dense teacher distillation "
+    "(ratio weight 10, token MSE), EMA 0.9999; the authors also set drop path 0.2 (0.5 for -B): "
+    "--set drop_path_rate=0.2", epochs=120, lr=4e-3, lr_batch=4096, min_lr=1e-6, warmup_epochs=20,
+    weight_decay=0.05, distill=True, backbone_lr_scale=0.2,
+    head_patterns=("score_predictor.*", "*.score_predictor.*", "*fast_path*", "*fastmlp*"),
+    freeze_backbone_epochs=5, ema_decay=0.9999) for name, label in (("dynamiccnn", "DynamicCNN"),
+                                                                    ("dynamicswin", "DynamicSwin"))}
+INFO_FIELDS = {"full_positions": "per predictor, (B, k) stage-3 positions sent through the full path",
+               "fast_positions": "per predictor, (B, N - k) positions sent through the fast path",
+               "keep_logp": "per predictor, (B, N) keep log-probability of every stage-3 position",
+               "decisions": "training: per predictor, (B, N) straight-through full-path decisions"}
+
+
+def dynamic_hier_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = True) -> DynamicHierLoss:
+    """The criterion `dynavit train` uses (the specs' factory): with the dense teacher unless distill is off."""
+    return DynamicHierLoss.for_model(model, distill=distill, smoothing=smoothing)
+
+
+_PARAMS = ("keep_rate", "prune_locations", "ratio_arithmetic")
+
+
+@register_method("dynamiccnn", params=_PARAMS, families=("convnext",), recipe=RECIPES["dynamiccnn"],
+                 criterion=dynamic_hier_criterion, info_fields=INFO_FIELDS)
+def apply_dynamiccnn(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
+                     prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
+    """DynamicCNN (TPAMI): in ConvNeXt stage 3 only the predicted top positions run the FFN (ratios b, b-.2, b-.4).
+
+    The other positions take a LayerNorm + Linear fast path; the depthwise conv runs everywhere.
+
+    Args:
+        keep_rate: b in (0, 1] giving full-path ratios [b, b - 0.2, b - 0.4] (the authors' floats; b > 0.4), or an
+            explicit list of ratios, one per predictor.
+        prune_locations: stage-3 blocks where predictors run (default: [1, 2, 3] for ConvNeXt-T, [3, 6, 9] for -S/-B).
+        ratio_arithmetic: 'float' (the authors': 97 of 196 at ratio 0.7 - 0.2) or 'decimal' (98).
+    """
+    reducer = DynamicCNN(len(model.stage_blocks(2)), keep_rate, prune_locations, ratio_arithmetic)
+    _attach(model, reducer, True, model.dims[2], _convnext_fast, model)
+    return model
+
+
+@register_method("dynamicswin", params=_PARAMS, families=("swin",), recipe=RECIPES["dynamicswin"],
+                 criterion=dynamic_hier_criterion, info_fields=INFO_FIELDS)
+def apply_dynamicswin(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
+                      prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
+    """DynamicSwin (TPAMI): in Swin stage 3 only the predicted top tokens run the MLP (ratios b, b-.2, b-.4).
+
+    The other tokens take a LayerNorm + Linear fast path; window attention runs everywhere.
+
+    Args:
+        keep_rate: b in (0, 1] giving full-path ratios [b, b - 0.2, b - 0.4] (the authors' floats; b > 0.4), or an
+            explicit list of ratios, one per predictor.
+        prune_locations: stage-3 blocks where predictors run (default: [1, 2, 3] for Swin-T, [2, 4, 6] for -S/-B).
+        ratio_arithmetic: 'float' (the authors': 97 of 196 at ratio 0.7 - 0.2) or 'decimal' (98).
+    """
+    reducer = DynamicSwin(len(model.stage_blocks(2)), keep_rate, prune_locations, ratio_arithmetic)
+    _attach(model, reducer, False, model.layers[2].dim, _swin_fast, model.layers[2])
+    return model
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def make_dense_teacher(model: nn.Module) -> nn.Module:
     """A frozen, eval-mode dense copy of a DynamicCNN / DynamicSwin model (predictors and fast paths removed)."""
@@ -421,63 +483,3 @@ class DynamicHierLoss(nn.Module):
                                          self.ratio_weight, self.distill_weight, self.smoothing)
         self.last_parts = {k: v.detach() for k, v in parts.items()}
         return total
-
-
-def dynamic_hier_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = True) -> DynamicHierLoss:
-    """The criterion `dynavit train` uses (the specs' factory): with the dense teacher unless distill is off."""
-    return DynamicHierLoss.for_model(model, distill=distill, smoothing=smoothing)
-
-
-# ---------------------------------------------------------------------------------------------- registration
-RECIPES = {name: Recipe(
-    name, f"{label} (TPAMI, the authors' README; docs/dynamic-hierarchical.md): 120 epochs from a pretrained dense "
-    "model, lr 4e-3 x B/4096, warm-up 20, backbone lr x 0.2 and frozen for 5 epochs, dense teacher distillation "
-    "(ratio weight 10, token MSE), EMA 0.9999; the authors also set drop path 0.2 (0.5 for -B): "
-    "--set drop_path_rate=0.2", epochs=120, lr=4e-3, lr_batch=4096, min_lr=1e-6, warmup_epochs=20,
-    weight_decay=0.05, distill=True, backbone_lr_scale=0.2,
-    head_patterns=("score_predictor.*", "*.score_predictor.*", "*fast_path*", "*fastmlp*"),
-    freeze_backbone_epochs=5, ema_decay=0.9999) for name, label in (("dynamiccnn", "DynamicCNN"),
-                                                                    ("dynamicswin", "DynamicSwin"))}
-INFO_FIELDS = {"full_positions": "per predictor, (B, k) stage-3 positions sent through the full path",
-               "fast_positions": "per predictor, (B, N - k) positions sent through the fast path",
-               "keep_logp": "per predictor, (B, N) keep log-probability of every stage-3 position",
-               "decisions": "training: per predictor, (B, N) straight-through full-path decisions"}
-_PARAMS = ("keep_rate", "prune_locations", "ratio_arithmetic")
-
-
-@register_method("dynamiccnn", params=_PARAMS, families=("convnext",), recipe=RECIPES["dynamiccnn"],
-                 criterion=dynamic_hier_criterion, info_fields=INFO_FIELDS)
-def apply_dynamiccnn(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
-                     prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
-    """DynamicCNN (TPAMI): in ConvNeXt stage 3 only the predicted top positions run the FFN (ratios b, b-.2, b-.4).
-
-    The other positions take a LayerNorm + Linear fast path; the depthwise conv runs everywhere.
-
-    Args:
-        keep_rate: b in (0, 1] giving full-path ratios [b, b - 0.2, b - 0.4] (the authors' floats; b > 0.4), or an
-            explicit list of ratios, one per predictor.
-        prune_locations: stage-3 blocks where predictors run (default: [1, 2, 3] for ConvNeXt-T, [3, 6, 9] for -S/-B).
-        ratio_arithmetic: 'float' (the authors': 97 of 196 at ratio 0.7 - 0.2) or 'decimal' (98).
-    """
-    reducer = DynamicCNN(len(model.stage_blocks(2)), keep_rate, prune_locations, ratio_arithmetic)
-    _attach(model, reducer, True, model.dims[2], _convnext_fast, model)
-    return model
-
-
-@register_method("dynamicswin", params=_PARAMS, families=("swin",), recipe=RECIPES["dynamicswin"],
-                 criterion=dynamic_hier_criterion, info_fields=INFO_FIELDS)
-def apply_dynamicswin(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
-                      prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
-    """DynamicSwin (TPAMI): in Swin stage 3 only the predicted top tokens run the MLP (ratios b, b-.2, b-.4).
-
-    The other tokens take a LayerNorm + Linear fast path; window attention runs everywhere.
-
-    Args:
-        keep_rate: b in (0, 1] giving full-path ratios [b, b - 0.2, b - 0.4] (the authors' floats; b > 0.4), or an
-            explicit list of ratios, one per predictor.
-        prune_locations: stage-3 blocks where predictors run (default: [1, 2, 3] for Swin-T, [2, 4, 6] for -S/-B).
-        ratio_arithmetic: 'float' (the authors': 97 of 196 at ratio 0.7 - 0.2) or 'decimal' (98).
-    """
-    reducer = DynamicSwin(len(model.stage_blocks(2)), keep_rate, prune_locations, ratio_arithmetic)
-    _attach(model, reducer, False, model.layers[2].dim, _swin_fast, model.layers[2])
-    return model
