@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
 
-_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
-if os.environ.get("GLIBC_TUNABLES") != _TUNABLES and "--no-reexec" not in sys.argv:
-    os.environ["GLIBC_TUNABLES"] = _TUNABLES  # METHODS 8: malloc page faults otherwise add 10-35% noise
-    os.execv(sys.executable, [sys.executable] + sys.argv + ["--no-reexec"])
+from dynavit.timing import malloc_tunables_on, reexec_with_malloc_tunables  # noqa: E402
+
+if "--no-reexec" not in sys.argv:  # docs/methods.md section 8: malloc page faults otherwise add 10-35% noise
+    reexec_with_malloc_tunables(sys.argv)
 
 import torch  # noqa: E402
 
@@ -115,7 +114,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
     ref, ref_cpu = statistics.median(times["pvt_v2 twin"]), statistics.median(cpu["pvt_v2 twin"])
     print(f"{args.model} @ {args.img_size}, batch {args.batch}, fp32, {args.threads} thread(s), GLIBC_TUNABLES "
-          f"{'on' if os.environ.get('GLIBC_TUNABLES') == _TUNABLES else 'off'}, median of {args.repeats} "
+          f"{'on' if malloc_tunables_on() else 'off'}, median of {args.repeats} "
           f"interleaved rounds; twin {twin_gmacs:.3f} GMACs, full space {model.space_gmacs():.3f}")
     print(f"{'scenario':<30}{'GMACs/img':>10}{'exec/img':>10}{'GMAC ratio':>11}{'wall ms':>9}{'wall ratio':>11}"
           f"{'cpu ms':>8}{'cpu ratio':>10}{'efficiency':>11}{'block runs':>11}")

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
 
-_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
-if os.environ.get("GLIBC_TUNABLES") != _TUNABLES and "--no-reexec" not in sys.argv:
-    # METHODS 8: glibc's default malloc thresholds add 10-20% page-fault noise to CPU timings
-    os.environ["GLIBC_TUNABLES"] = _TUNABLES
-    os.execv(sys.executable, [sys.executable] + sys.argv + ["--no-reexec"])
+from dynavit.timing import malloc_tunables_on, reexec_with_malloc_tunables  # noqa: E402
+
+if "--no-reexec" not in sys.argv:  # docs/methods.md section 8: glibc's default malloc thresholds add 10-20% page-fault noise
+    reexec_with_malloc_tunables(sys.argv)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -185,7 +183,7 @@ def main() -> None:
                acc_dense=acc_dense, acc_dit=acc_dit, train_s_dense=time_dense, train_s_dit=time_dit,
                imgs_per_s_dense=speed["dense"], imgs_per_s_dit=speed["dit"],
                speedup=speed["dit"] / speed["dense"], speedup_batch1=speed1["dit"] / speed1["dense"],
-               threads=args.threads, batch=args.batch, glibc_tunables=os.environ.get("GLIBC_TUNABLES") == _TUNABLES)
+               threads=args.threads, batch=args.batch, glibc_tunables=malloc_tunables_on())
     print(f"\nGMACs/img: dense {full * 1e3:.3f} M, DiT {gmacs_dit * 1e3:.3f} M -> ratio {ratio:.3f} "
           f"(target {args.budget}, within 10%: {res['within_10pct']})")
     print(f"val accuracy: dense {acc_dense:.3f}, DiT {acc_dit:.3f}")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
-_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
-if os.environ.get("GLIBC_TUNABLES") != _TUNABLES and "--no-reexec" not in sys.argv:
-    os.environ["GLIBC_TUNABLES"] = _TUNABLES  # METHODS 8: malloc page faults otherwise add 10-35% noise
-    os.execv(sys.executable, [sys.executable] + sys.argv + ["--no-reexec"])
+from dynavit.timing import reexec_with_malloc_tunables  # noqa: E402
+
+if "--no-reexec" not in sys.argv:  # docs/methods.md section 8: malloc page faults otherwise add 10-35% noise
+    reexec_with_malloc_tunables(sys.argv)
 
 import torch  # noqa: E402
 

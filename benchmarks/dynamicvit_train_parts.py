@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dynavit.layers import Block, policy_attention, softmax_with_policy
-from dynavit.methods.dynamicvit import ScorePredictor
+from dynavit.layers import Block
+from dynavit.methods.dynamicvit import ScorePredictor, policy_attention, softmax_with_policy
 
 
 def main() -> None:

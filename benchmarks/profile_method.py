@@ -4,7 +4,7 @@
         .venv/bin/python benchmarks/profile_method.py --model deit_small_patch16_224 --method bat:0.7 --batch-size 32
 
 The reducer share times the method's hooks (decide + cluster / match + merge) by wrapping them
-(`dynavit.bench.reducer_time`); the op table (self CPU time) shows which kernels dominate, and the
+(`dynavit.timing.reducer_time`); the op table (self CPU time) shows which kernels dominate, and the
 `record_function` ranges `reducer.*` show the hooks inside the profile.
 """
 from __future__ import annotations
@@ -15,18 +15,15 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from dynavit import bench
+from dynavit import bench, timing
 
 
-def _annotate(reducer) -> None:
-    """Wrap the reducer's hooks in profiler ranges named reducer.<hook>."""
-    for name in ("before_block", "attention_args", "after_attention"):
-        fn = getattr(reducer, name)
-
-        def wrapper(*args, _fn=fn, _name=name, **kwargs):
-            with record_function(f"reducer.{_name}"):
-                return _fn(*args, **kwargs)
-        setattr(reducer, name, wrapper)
+def _ranged(name, fn):
+    """A reducer hook wrapped in a profiler range named reducer.<hook>."""
+    def wrapper(*args, **kwargs):
+        with record_function(f"reducer.{name}"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def main() -> None:
@@ -47,15 +44,18 @@ def main() -> None:
     name, model = bench._build(cfg, bench.resolve(spec, args.model), torch.device("cpu"), torch.float32)
     model.train(args.train)
     x = torch.randn(args.batch_size, 3, model.img_size, model.img_size)
-    step = bench.make_step(model, x, train=args.train)
-    share = bench.reducer_time(model, step, torch.device("cpu"), calls=args.calls)
+    step = timing.make_step(model, x, train=args.train)
+    share = timing.reducer_time(model, step, torch.device("cpu"), calls=args.calls)
     if share:
         print(f"{spec.text} on {name}: reducer hooks {share[0] / args.calls * 1e3:.1f} ms of "
               f"{share[1] / args.calls * 1e3:.1f} ms per forward = {share[0] / share[1]:.1%}")
-        _annotate(model.reducer)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        if share:
+            with timing.wrapped_hooks(model.reducer, _ranged):
+                step()
+        else:
+            step()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     print(table)
     if args.json:

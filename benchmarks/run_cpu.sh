@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU measurements of BENCHMARKS.md, in order. Results land in benchmarks/results/ (JSON + printed tables).
-# `dynavit bench` re-executes itself with GLIBC_TUNABLES raising glibc's malloc thresholds (METHODS 8).
+# `dynavit bench` re-executes itself with GLIBC_TUNABLES raising glibc's malloc thresholds (docs/methods.md 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}

@@ -28,7 +28,7 @@ ratio = authors' median time / ours (> 1: dynavit is faster), and `paired`, the 
 ratio within a round (the two ran back to back, so a slow spell of a shared machine cancels).
 
 Like `dynavit bench`, the script re-executes itself once with glibc's malloc thresholds raised
-(METHODS 8; `--no-malloc-tunables` to measure the default allocator).
+(docs/methods.md section 8; `--no-malloc-tunables` to measure the default allocator).
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from dynavit import create_model
-from dynavit.bench import MALLOC_TUNABLES, machine_info, make_step, time_interleaved
+from dynavit.bench import machine_info, make_step, time_interleaved
+from dynavit.timing import reexec_with_malloc_tunables
 
-_GUARD = "DYNAVIT_VS_AUTHORS_REEXEC"
 METHODS = ("dense", "dynamicvit", "evit", "tome")
 DEIT_S = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True)
 
@@ -179,16 +179,6 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- main
-def _maybe_reexec(no_tunables: bool) -> None:
-    current = os.environ.get("GLIBC_TUNABLES", "")
-    if no_tunables or MALLOC_TUNABLES in current or os.environ.get(_GUARD) or not sys.platform.startswith("linux"):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=f"{current}:{MALLOC_TUNABLES}" if current else MALLOC_TUNABLES)
-    env[_GUARD] = "1"
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
 def summarize(times: list, methods: list, batch: int) -> list:
     rows = []
     for j, m in enumerate(methods):
@@ -218,7 +208,8 @@ def main() -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--no-malloc-tunables", action="store_true")
     args = p.parse_args()
-    _maybe_reexec(args.no_malloc_tunables)
+    if not args.no_malloc_tunables:
+        reexec_with_malloc_tunables(sys.argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "reference-v1"
+# beside the repository, or where DYNAVIT_FIXTURES says (a git worktree elsewhere)
+FIXTURES = Path(os.environ.get("DYNAVIT_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference-v1"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # the whole session: tiny models, a shared CPU (no test module sets it itself)
 
 
 @pytest.fixture(autouse=True)
@@ -48,12 +50,30 @@ def ref_images(ref):
 DEIT_CFG = dict(img_size=224, patch_size=16, embed_dim=48, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=10)
 LVVIT_CFG = dict(img_size=224, patch_size=16, embed_dim=48, depth=16, num_heads=3, mlp_ratio=3.0, num_classes=10)
 
-# A small ViT (16 patches, 12 blocks) for export / compile / property tests, and one case per fixed-count method.
+# A small ViT (16 patches, 12 blocks) for export / compile / property tests.
 TINY64_CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
-FIXED_COUNT_METHODS = {
-    "dense": dict(),
-    "dynamicvit": dict(method="dynamicvit", keep_rate=0.7),
-    "evit": dict(method="evit", keep_rate=0.7),
-    "bat": dict(method="bat", keep_rate=0.7),
-    "tome": dict(method="tome", r=1),
-}
+
+# Method lists come from the registry. What the tests need to know per method: a value of its primary
+# parameter that really reduces, whether it drops patches (pruning) or merges them (no patch lost), and whether
+# it draws at random. A registered method missing from PRUNING / MERGING fails `test_every_method_is_classified`.
+PRUNING = {"dynamicvit", "topk", "random"}
+MERGING = {"evit", "bat", "tome"}
+RANDOM = {"random"}
+
+
+def vit_methods() -> dict:
+    """The registered methods for ViT-family models (the token-reduction contract); the hierarchical ones
+    (families convnext / swin) have their own tests."""
+    from dynavit.registry import list_methods
+
+    return {n: s for n, s in list_methods().items() if "vit" in s.families}
+
+
+def reducing(name: str, keep: float = 0.7, r: int = 1) -> dict:
+    """create_model kwargs of method `name` at a real reduction (keep rate `keep`, or ToMe-style `r`)."""
+    primary = vit_methods()[name].primary
+    return {"method": name, primary: {"keep_rate": keep, "r": r}[primary]}
+
+
+# one case per fixed-count, deterministic method (export, compile), plus the dense model
+FIXED_COUNT_METHODS = {"dense": dict(), **{n: reducing(n) for n in vit_methods() if n not in RANDOM}}

@@ -7,8 +7,10 @@ import torch
 
 import dynavit
 from dynavit.errors import DynavitError
+from dynavit.registry import list_methods
 
-torch.set_num_threads(1)
+from conftest import vit_methods
+
 CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
 
 
@@ -16,21 +18,23 @@ def make(**kw):
     return dynavit.create_model("vit", **kw, **CFG).eval()
 
 
-@pytest.mark.parametrize("method", ["dynamicvit", "evit", "bat", "topk", "random"])
+@pytest.mark.parametrize("method", [n for n, s in vit_methods().items() if s.primary == "keep_rate"])
 @pytest.mark.parametrize("keep_rate", [0.0, -0.5, 1.5, float("nan")])
 def test_keep_rate_outside_unit_interval(method, keep_rate):
-    with pytest.raises(DynavitError) as e:
+    with pytest.raises(DynavitError, match=r"keep_rate.*got") as e:
         make(method=method, keep_rate=keep_rate)
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize("r", [9, 100, -1])
-def test_tome_r_too_large_or_negative(r):
-    with pytest.raises(DynavitError, match="r"):
+@pytest.mark.parametrize("r, match", [(9, "ToMe r=9 in block 0 exceeds the 8 tokens"),
+                                      (100, "ToMe r=100 in block 0 exceeds"), (-1, "r must be >= 0"),
+                                      (1.5, "r must be an int.*got 1.5")])
+def test_tome_r_too_large_or_negative(r, match):
+    with pytest.raises(DynavitError, match=match):
         make(method="tome", r=r)
 
 
-@pytest.mark.parametrize("method", ["dynamicvit", "evit", "bat", "tome"])
+@pytest.mark.parametrize("method", list(list_methods()))
 def test_method_on_unsupported_model(method):
     with pytest.raises(DynavitError, match=method):
         dynavit.create_model("dit_tiny", method=method)

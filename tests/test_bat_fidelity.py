@@ -214,7 +214,7 @@ def test_gaussian_density_stage_equals_eq6(sigma):
 # ------------------------------------------------------------------ recipes
 def test_bat_recipes_have_the_published_values():
     from dynavit.train.optim import keep_rate_at
-    from dynavit.train.recipes import get_recipe
+    from dynavit.recipes import get_recipe
 
     ft = get_recipe(None, "bat")
     assert (ft.name, ft.epochs, ft.min_lr, ft.warmup_epochs, ft.weight_decay) == ("bat", 30, 2e-6, 0, 1e-6)
@@ -234,7 +234,7 @@ def test_bat_recipes_have_the_published_values():
 
 def test_dynamicvit_recipe_is_the_release():
     from dynavit.train.optim import cosine_lr
-    from dynavit.train.recipes import get_recipe
+    from dynavit.recipes import get_recipe
 
     r = get_recipe(None, "dynamicvit")
     assert (r.warmup_start, r.warmup_style, r.freeze_mode, r.ema_decay) == (0.0, "linspace", "zero_lr", 0.9999)

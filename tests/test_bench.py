@@ -10,8 +10,8 @@ import statistics
 import pytest
 import torch
 
-from dynavit import bench, registry
-from dynavit.bench import BenchConfig, Spec, parse_spec, resolve, run_benchmark
+from dynavit import registry, timing
+from dynavit.bench import BenchConfig, Spec, parse_spec, resolve, run_benchmark, validate
 from dynavit.cli import main
 from dynavit.errors import ConfigError, UnknownNameError
 from dynavit.reduction import TokenReducer
@@ -49,7 +49,7 @@ def _apply(model, keep_rate=0.5):
 @pytest.fixture
 def fake_method(monkeypatch):
     registry.list_methods()  # load the real ones first
-    spec = registry.MethodSpec("fake_topk", _apply, ("keep_rate",), ("vit",))
+    spec = registry.MethodSpec("fake_topk", ("keep_rate",), apply=_apply, families=("vit",))
     monkeypatch.setitem(registry._METHODS, "fake_topk", spec)
     return "fake_topk"
 
@@ -76,39 +76,41 @@ def test_parse_spec_unknown_method_suggests(fake_method):
 
 
 def test_known_value_meanings():
-    methods = registry.list_methods()
-    if "tome" in methods:
-        assert parse_spec("tome:13").kwargs == {"r": 13}
-        with pytest.raises(ConfigError, match="1.5"):
-            parse_spec("tome:1.5")
-    if "dynamicvit" in methods:
-        assert parse_spec("dynamicvit:0.7").kwargs == {"keep_rate": 0.7}
-    if "dit" not in methods:  # DiT is a model family: dit:B builds the DiT twin, dense the PVTv2 twin
-        assert parse_spec("dit:0.5").kwargs == {"budget": 0.5}
-        assert resolve(parse_spec("dit:0.5"), "pvt_v2_b0") == ("dit_b0", None, {"budget": 0.5})
-        assert resolve(parse_spec("dit:0.5"), "dit_b0") == ("dit_b0", None, {"budget": 0.5})
-        assert resolve(parse_spec("dense"), "dit_b1") == ("pvt_v2_b1", None, {})
-        with pytest.raises(ConfigError, match="budget"):
-            parse_spec("dit:1.5")
-        with pytest.raises(ConfigError, match="tiny_vit"):
-            resolve(parse_spec("dit:0.5"), "tiny_vit")
+    """VALUE sets each spec's primary parameter; values are validated by building the model on the meta device."""
+    for name, spec in registry.list_methods().items():
+        assert parse_spec(f"{name}:1").kwargs == {spec.primary: 1}
+    assert parse_spec("tome:13").kwargs == {"r": 13}
+    assert parse_spec("dynamicvit:0.7").kwargs == {"keep_rate": 0.7}
+    with pytest.raises(ConfigError, match="1.5"):
+        validate(resolve(parse_spec("tome:1.5"), "tiny_vit"))
+    with pytest.raises(ConfigError, match="1.5"):  # before any model is built or timed
+        run_benchmark(BenchConfig(model="tiny_vit", specs=["tome:1.5"]))
+    # DiT is a model family: dit:B builds the DiT twin, dense the PVTv2 twin
+    assert parse_spec("dit:0.5").kwargs == {"budget": 0.5}
+    assert resolve(parse_spec("dit:0.5"), "pvt_v2_b0") == ("dit_b0", None, {"budget": 0.5})
+    assert resolve(parse_spec("dit:0.5"), "dit_b0") == ("dit_b0", None, {"budget": 0.5})
+    assert resolve(parse_spec("dense"), "dit_b1") == ("pvt_v2_b1", None, {})
+    with pytest.raises(ConfigError, match="budget"):
+        validate(resolve(parse_spec("dit:1.5"), "dit_b0"))
+    with pytest.raises(ConfigError, match="tiny_vit"):
+        resolve(parse_spec("dit:0.5"), "tiny_vit")
 
 
 # ------------------------------------------------------------------------------------------- measuring
 def test_time_interleaved_runs_a_b_a_b_and_discards_warmup():
     calls = []
     steps = [lambda: calls.append("A"), lambda: calls.append("B")]
-    times = bench.time_interleaved(steps, repeats=3, warmup=1, device=torch.device("cpu"))
+    times = timing.time_interleaved(steps, repeats=3, warmup=1, device=torch.device("cpu"))
     assert calls == ["A", "B"] * 4
     assert [len(t) for t in times] == [3, 3]
 
 
 def test_logits_of_finds_the_logits():
     logits = torch.randn(4, 10)
-    assert bench.logits_of(logits, 4) is logits
-    assert bench.logits_of((torch.randn(4, 7, 2), logits), 4) is logits
+    assert timing.logits_of(logits, 4) is logits
+    assert timing.logits_of((torch.randn(4, 7, 2), logits), 4) is logits
     with pytest.raises(TypeError):
-        bench.logits_of((torch.randn(3, 10),), 4)
+        timing.logits_of((torch.randn(3, 10),), 4)
 
 
 def test_peak_memory_grows_with_batch():
@@ -116,8 +118,8 @@ def test_peak_memory_grows_with_batch():
 
     model = dynavit.create_model("tiny_vit").eval()
     cpu = torch.device("cpu")
-    small = bench.peak_memory_mb(bench.make_step(model, torch.randn(1, 3, 224, 224), False), cpu)
-    large = bench.peak_memory_mb(bench.make_step(model, torch.randn(8, 3, 224, 224), False), cpu)
+    small = timing.peak_memory_mb(timing.make_step(model, torch.randn(1, 3, 224, 224), False), cpu)
+    large = timing.peak_memory_mb(timing.make_step(model, torch.randn(8, 3, 224, 224), False), cpu)
     assert 0 < small < large
 
 

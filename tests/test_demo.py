@@ -16,8 +16,6 @@ from dynavit.demo import CLAIM_NAMES, check_claims, evaluate, tome_r_matching
 from dynavit.errors import UnknownNameError
 from dynavit.viz import token_overlay
 
-torch.set_num_threads(1)
-
 
 def _dit_asset_fits() -> bool:
     from dynavit.errors import CheckpointError

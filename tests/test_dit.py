@@ -8,18 +8,9 @@ import torch.nn.functional as F
 import dynavit
 from dynavit.errors import ConfigError
 from dynavit.flops import count_flops
-from dynavit.losses_dit import DiTBudgetLoss
+from dynavit.losses_dit import BudgetCriterion, DiTBudgetLoss
 from dynavit.models.dit import down_subset, dwconv_at, stage_activity
-from dynavit.train.criterion import BudgetCriterion, build_criterion
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and far faster than 2 on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from dynavit.train.criterion import build_criterion
 
 
 def twins(tmp_path=None, img_size: int = 64, **kwargs):
@@ -46,7 +37,7 @@ def randomise_gates(dit, seed: int = 1):
 
 
 def test_pvt_v2_variants_match_published_size():
-    """PVTv2-B0 / B1: params and GMACs at 224 as in METHODS 7 (3.7M / 0.57, 14.0M / 2.11)."""
+    """PVTv2-B0 / B1: params and GMACs at 224 as in docs/methods.md 7 (3.7M / 0.57, 14.0M / 2.11)."""
     for name, params, gmacs in [("pvt_v2_b0", 3.7, 0.57), ("pvt_v2_b1", 14.0, 2.11)]:
         model = dynavit.create_model(name)
         assert model.family == "pvt_v2"
@@ -60,7 +51,7 @@ def test_pvt_v2_variants_match_published_size():
 def test_grid_layout_budget_and_costs():
     model = dynavit.create_model("dit_b2", budget=0.5)
     assert model.family == "dit" and model.budget == 0.5 and model.columns == 3 + 4 + 6 + 3
-    assert model.twin_gmacs() == pytest.approx(4.027, abs=0.001)  # PVTv2-B2, METHODS 7: 4.03
+    assert model.twin_gmacs() == pytest.approx(4.027, abs=0.001)  # PVTv2-B2, docs/methods.md 7: 4.03
     assert model.twin_gmacs() == pytest.approx(dynavit.count_gmacs(dynavit.create_model("pvt_v2_b2")), rel=1e-9)
     assert model.space_gmacs() > 2 * model.twin_gmacs()
     # window (1, 1): stage k holds scales k-1..k+1; the paper's visualisation (stage 3: strides 8, 16, 32)
@@ -304,7 +295,7 @@ def test_budget_criterion_applies_the_warmup():
     logits, info = dit(x, return_info=True)
     ce = F.cross_entropy(logits, y).item()
     ratio = info.extra["gmacs"].mean().item() / info.extra["gmacs_twin"]
-    crit = build_criterion(dit, "budget", budget_weight=3.0, budget_start=0.6)
+    crit = build_criterion(dit, "dit", weight=3.0, start=0.6)
     assert crit.budget_loss.warmup == 0.6  # the recipe's start is the loss's warm-up
     crit.set_progress(0.5)
     assert crit(x, (logits, info), y).item() == pytest.approx(ce, rel=1e-6) and "budget" not in crit.last_parts
@@ -347,10 +338,9 @@ def test_routing_picture_rows_are_strides_columns_are_stages(tmp_path):
     from PIL import Image
 
     from dynavit.cli import main
-    from dynavit.viz import dit_routing_rows
 
     _, dit = twins()  # initial gates: PVTv2's route, so stage k holds only stride 4 * 2^k, every token of it
-    image, tiles, counts, gmacs, _ = dit_routing_rows(dit, torch.randn(1, 3, 64, 64))[0]
+    image, tiles, counts, gmacs, _ = dit.routing_rows(torch.randn(1, 3, 64, 64))[0]
     assert counts == [[4 ** (4 - i) if i == k else 0 for k in range(4)] for i in range(4)]
     assert (tiles[0][1] == 1.0).all() and tiles[0][0].shape == image.shape  # white where no token ran
     assert gmacs == pytest.approx(dit.twin_gmacs((64, 64)), rel=0.01)

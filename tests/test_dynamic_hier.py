@@ -10,8 +10,8 @@ import torch
 
 import dynavit
 from dynavit.errors import ConfigError, InputError
-from dynavit.methods.dynamic_hier import (DynamicHierLoss, default_hier_locations, dynamic_hier_loss, hier_ratios,
-                                          make_dense_teacher)
+from dynavit.methods.dynamic_hier import (DynamicHierLoss, default_hier_locations, dynamic_hier_criterion,
+                                          dynamic_hier_loss, hier_ratios, make_dense_teacher)
 
 from conftest import REPO
 
@@ -304,20 +304,21 @@ def test_make_dense_teacher_equals_the_dense_backbone():
 
 def test_recipe_and_criterion_are_registered():
     from dynavit.train.criterion import build_criterion
-    from dynavit.train.recipes import get_recipe
+    from dynavit.recipes import get_recipe
 
     for method in ("dynamiccnn", "dynamicswin"):
         recipe = get_recipe(None, method)
-        assert recipe.name == method and recipe.criterion == "dynamic_hier" and recipe.epochs == 120
+        assert recipe.name == method and recipe.epochs == 120
+        assert dynavit.registry.get_method(method).criterion is dynamic_hier_criterion
         assert recipe.backbone_lr_scale == 0.2 and recipe.freeze_backbone_epochs == 5
     model, _ = tiny("cnn")
-    assert isinstance(build_criterion(model, "dynamic_hier"), DynamicHierLoss)
-    assert build_criterion(model, "dynamic_hier", distill=False).teacher is None
+    assert isinstance(build_criterion(model, "dynamiccnn"), DynamicHierLoss)
+    assert build_criterion(model, "dynamiccnn", distill=False).teacher is None
 
 
 def test_recipe_head_patterns_cover_exactly_the_new_parameters():
     from dynavit.train.optim import _matches
-    from dynavit.train.recipes import get_recipe
+    from dynavit.recipes import get_recipe
 
     for kind in ("cnn", "swin"):
         model, _ = tiny(kind)

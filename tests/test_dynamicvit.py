@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 import dynavit
 from dynavit.errors import ConfigError
-from dynavit.layers import policy_attention, softmax_with_policy
-from dynavit.losses import (DynamicViTLoss, classification_loss, dynamicvit_loss, make_teacher, masked_token_kl,
-                            masked_token_mse)
-from dynavit.methods.dynamicvit import ScorePredictor, default_locations
+from dynavit.losses import classification_loss
+from dynavit.methods.dynamicvit import (DynamicViTLoss, ScorePredictor, default_locations, dynamicvit_loss,
+                                        make_teacher, masked_token_kl, masked_token_mse, policy_attention,
+                                        softmax_with_policy)
 
 from conftest import DEIT_CFG, LVVIT_CFG, fixture_path
 
@@ -97,7 +97,8 @@ def explicit_policy_attention(q, k, v, policy, scale, eps=1e-6):
 
 @pytest.mark.parametrize("case", ["hard", "peaked", "soft", "all_dropped"])
 def test_policy_attention_equals_the_explicit_formula(case):
-    """Values and every gradient (q, k, v and the policy) of the fused path equal autograd through METHODS 3.3."""
+    """Values and every gradient (q, k, v and the policy) of the fused path equal autograd through the formula
+    (docs/methods.md 3.3)."""
     torch.manual_seed(0)
     B, H, T, d = 3, 2, 13, 8
     q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
@@ -134,11 +135,11 @@ def test_policy_attention_gradcheck_and_float32():
 
 @pytest.mark.parametrize("kind", ["deit", "lvvit"])
 def test_fixed_decisions_training_equals_pruned_inference(ref_images, monkeypatch, kind):
-    """Masked attention with the inference keep sets reproduces the pruned network (METHODS 3.3).
+    """Masked attention with the inference keep sets reproduces the pruned network (docs/methods.md 3.3).
 
     The fixture's qkv weights are 2.5x the usual scale; there the authors' softmax (shifted by the max over *all*
     keys, dropped ones included, then + eps) departs from pruning by up to 9e-3 because the kept keys' exp-sum
-    can fall near eps. At the usual scale the two agree to ~1e-6 (METHODS: 1.2e-6), which is what we check.
+    can fall near eps. At the usual scale the two agree to ~1e-6 (docs/methods.md: 1.2e-6), which is what we check.
     """
     model = load(kind)
     with torch.no_grad():

@@ -9,7 +9,8 @@ import torch
 import dynavit
 from dynavit.cli import main
 from dynavit.flops import count_gmacs, flops_breakdown, vit_block_macs
-from dynavit.registry import list_methods
+
+from conftest import vit_methods
 
 
 def _meta_model(name, **kw):
@@ -41,12 +42,7 @@ def test_breakdown_matches_analytic_blocks_and_total():
     assert names[0] == "patch_embed" and names[-1] == "head" and "(outside modules)" not in names
 
 
-def _keep_rate_methods():
-    methods = list_methods()
-    return [m for m in ("dynamicvit", "evit", "bat", "topk") if m in methods]
-
-
-@pytest.mark.parametrize("method", _keep_rate_methods() or [pytest.param("none", marks=pytest.mark.skip("no method yet"))])
+@pytest.mark.parametrize("method", [n for n, s in vit_methods().items() if s.primary == "keep_rate"])
 def test_reduced_path_counts_only_kept_tokens(method):
     dense, x = _meta_model("deit_small_patch16_224")
     model, _ = _meta_model("deit_small_patch16_224", method=method, keep_rate=0.7)
@@ -72,7 +68,5 @@ def test_flops_cli_json(tmp_path, capsys):
 
 
 def test_flops_cli_bad_keep_rate_is_one_line_error(capsys):
-    if "evit" not in list_methods():
-        pytest.skip("evit not registered yet")
     assert main(["flops", "--model", "tiny_vit", "--method", "evit", "--keep-rate", "1.5"]) == 2
     assert "1.5" in capsys.readouterr().err

@@ -12,8 +12,9 @@ import torch
 
 import dynavit
 from conftest import FIXED_COUNT_METHODS, TINY64_CFG as CFG
-from dynavit.bench import BenchConfig, logits_of, run_benchmark
-from dynavit.layers import policy_attention
+from dynavit.bench import BenchConfig, run_benchmark
+from dynavit.timing import logits_of
+from dynavit.methods.dynamicvit import policy_attention
 from test_dynamicvit import explicit_policy_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

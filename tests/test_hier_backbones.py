@@ -1,4 +1,5 @@
-"""ConvNeXt and Swin load official and timm checkpoint layouts unchanged (METHODS 3.4), with clear errors.
+"""ConvNeXt and Swin load official and timm checkpoint layouts unchanged (docs/dynamic-hierarchical.md), with
+clear errors.
 
 The key layouts below are written from the official repositories' module structure (facebookresearch/ConvNeXt,
 microsoft/Swin-Transformer) and timm's conversions of them, independently of dynavit's code; the full-size

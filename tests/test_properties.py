@@ -8,18 +8,20 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dynavit
 
-torch.set_num_threads(1)
-CFG = dict(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
+from conftest import MERGING, RANDOM, TINY64_CFG as CFG, reducing, vit_methods
+
 N = 16  # (64 / 16) ** 2 patches
-# name -> (method, reducing kwargs builder, no-reduction kwargs, merges)
-METHODS = {
-    "dynamicvit": ("dynamicvit", lambda k: dict(keep_rate=k), dict(keep_rate=1.0), False),
-    "evit": ("evit", lambda k: dict(keep_rate=k), dict(keep_rate=1.0), True),
-    "bat": ("bat", lambda k: dict(keep_rate=k), dict(keep_rate=1.0), True),
-    "tome": ("tome", lambda k: dict(r=1), dict(r=0), True),
-    "topk": ("topk", lambda k: dict(keep_rate=k), dict(keep_rate=1.0), False),
-    "random": ("random", lambda k: dict(keep_rate=k, seed=0), dict(keep_rate=1.0), False),
-}
+
+
+def _reducing(name):
+    def kwargs(keep):
+        kw = {k: v for k, v in reducing(name, keep=keep, r=1).items() if k != "method"}
+        return {**kw, "seed": 0} if name in RANDOM else kw
+    return kwargs
+
+
+# name -> (method, reducing kwargs builder, no-reduction kwargs, merges): every registered method
+METHODS = {n: (n, _reducing(n), spec.identity, n in MERGING) for n, spec in vit_methods().items()}
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 _CACHE: dict = {}
@@ -65,7 +67,8 @@ def test_no_reduction_equals_dense(name):
     torch.manual_seed(0)
     dense = dynavit.create_model("vit", **CFG).eval()
     model = build(name, METHODS[name][2])
-    model.load_state_dict(dense.state_dict(), strict=False)
+    report = model.load_state_dict(dense.state_dict(), strict=False)
+    assert report.unexpected_keys == [] and all(k.split(".")[0] in model.method_modules for k in report.missing_keys)
     x = torch.randn(3, 3, 64, 64)
     out, info = run(model, x)
     with torch.no_grad():
@@ -87,7 +90,7 @@ def test_extreme_inputs_stay_finite(name, value, keep):
             assert all(int(p.min()) >= 0 for p in info.patch_to_token)
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "random"])  # random draws per batch by design
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in RANDOM])  # random draws per batch by design
 @SETTINGS
 @given(batch=st.integers(2, 8), index=st.integers(0, 7), keep=st.sampled_from([0.5, 0.7]))
 def test_image_alone_equals_image_in_batch(name, batch, index, keep):

@@ -106,7 +106,7 @@ def test_r_too_large_fails_loudly():
 # ------------------------------------------------------------------ the lean ToMe path == the generic one
 def old_bipartite_group(keys, r, P):
     """bipartite_plan's group map as it was written before (indexed copies, index_put), the reference."""
-    from dynavit.methods._cluster import argsort_desc
+    from dynavit.ops import argsort_desc
 
     B, L, _ = keys.shape
     T = L - P

@@ -17,7 +17,8 @@ from dynavit.data import build_dataset, make_loader
 from dynavit.errors import TrainingError
 from dynavit.train import evaluate
 from dynavit.train.optim import cosine_lr, keep_rate_at, param_groups
-from dynavit.train.recipes import get_recipe
+from dynavit.recipes import get_recipe
+from dynavit.registry import list_methods
 from dynavit.train.state import RunLock, checkpoint_dirs
 from test_data import make_image_folder
 
@@ -33,15 +34,6 @@ def train_args(data, out, *extra):
 
 def weights(run_dir) -> dict:
     return read_checkpoint(Path(run_dir) / "model.safetensors")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread, like the subprocesses (matmul reductions depend on the thread count)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +64,8 @@ def test_resume_after_kill_is_bit_for_bit(folder, tmp_path):
                              "--stop-after-step", "4"], env=ENV, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert [p.name for p in checkpoint_dirs(tmp_path / "b")][-1] == "step-00000004"
-    with pytest.raises(SystemExit):  # a second run in the same directory must not start from scratch
-        raise SystemExit(main(train_args(folder, tmp_path / "b", *common)))
+    # a second run in the same directory must not start from scratch: a one-line error, exit status 2
+    assert main(train_args(folder, tmp_path / "b", *common)) == 2
     assert main(train_args(folder, tmp_path / "b", *common, "--resume")) == 0
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -168,6 +160,8 @@ def test_schedules_and_recipes():
     lr, rule = r.scaled_lr(256)
     assert lr == pytest.approx(2.5e-4) and "1024" in rule
     assert get_recipe(None, None).name == "dense" and get_recipe(None, None, "dit_b1").name == "dit"
+    for name, spec in list_methods().items():  # every method trains with its own recipe or the generic fine-tune
+        assert get_recipe(None, name).name == (spec.recipe.name if spec.recipe else "finetune")
 
 
 def test_param_groups_decay_frozen_and_backbone_scale():

@@ -16,7 +16,9 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .errors import CheckpointNotFoundError, unknown_name
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, unknown_name
+from .registry import create_model
 
 ASSET_DIR = Path(__file__).parent / "assets"
 MANIFEST = ASSET_DIR / "demo_models.json"
@@ -49,10 +51,6 @@ def load_asset(name: str, method: Optional[str] = None, extra: Sequence[str] = (
     Dense weights load strictly into the dense model; into a method's model every dense weight must fit, and
     the method's own parameters are taken from the `extra` assets (e.g. 'demo_vit_dynamicvit_0.7').
     """
-    from .checkpoint import load_checkpoint
-    from .errors import CheckpointError, ConfigError
-    from .registry import create_model
-
     path = asset_path(name, root)
     entry = manifest()[name]
     if entry.get("partial"):  # a method asset: its backbone first, then its own parameters

@@ -2,16 +2,18 @@
 
 All key conversions live in one filter (`filter_state_dict`), like timm's `checkpoint_filter_fn`: unwrapping
 `{'model': ...}` / `state_dict` / `state_dict_ema` / `model_ema`, stripping `module.` (DDP) and `_orig_mod.`
-(torch.compile) prefixes, Hugging Face ViT/DeiT names (METHODS 1.1) and `pos_embed` resampling for a new
+(torch.compile) prefixes, Hugging Face ViT/DeiT names (docs/methods.md 1.1) and `pos_embed` resampling for a new
 image size. A checkpoint that still does not fit raises one `CheckpointError` that lists what is wrong.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import stat
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -21,6 +23,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, CheckpointNotFoundError
@@ -52,9 +56,6 @@ def read_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"checkpoint path {str(path)!r} is a directory; give the .safetensors or .pth file")
     _check_readable(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -121,9 +122,6 @@ def pickled_globals(path: PathLike, limit: int = 200) -> list:
 
     Used only to explain a refused file (e.g. a pickled nn.Module); returns [] for anything it cannot parse.
     """
-    import io
-    import pickletools
-
     def scan(data: bytes) -> list:
         found, recent, memo = [], [], {}
         stream = io.BytesIO(data)
@@ -250,7 +248,7 @@ def filter_state_dict(sd: Mapping, model: nn.Module, report: Optional[LoadReport
     if _is_hf(sd):
         sd = convert_hf_vit(sd)
         report.converted.append("Hugging Face ViT/DeiT names -> timm names")
-    custom = getattr(model, "checkpoint_filter", None)
+    custom = getattr(model, "checkpoint_filter", None)  # a backbone's own layout conversion (timm's -> official)
     if callable(custom):
         sd = custom(sd)
     target = model.state_dict()
@@ -330,8 +328,6 @@ def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> Lo
 def save_checkpoint(model_or_state: Union[nn.Module, Mapping], path: PathLike,
                     metadata: Optional[dict] = None) -> Path:
     """Write weights as safetensors, atomically (temporary file, then rename). Returns the path."""
-    from safetensors.torch import save_file
-
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
     path = Path(path)

@@ -105,7 +105,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch: int = 100,
 
 def time_models(models: dict, sizes: dict, batch: int, repeats: int) -> dict:
     """{name: img/s}: inference forwards timed side by side, interleaved (A B C A B C ...), median of rounds."""
-    from .bench import make_step, time_interleaved
+    from .timing import make_step, time_interleaved
 
     torch.manual_seed(0)
     steps = [make_step(m.eval(), torch.randn(batch, 3, sizes[k], sizes[k]), train=False) for k, m in models.items()]

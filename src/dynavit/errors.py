@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import difflib
 
+import torch
+
 
 class DynavitError(Exception):
     """Base class of every error dynavit raises on purpose (the CLI prints these in one line)."""
@@ -73,8 +75,6 @@ def check_keep_rate(keep_rate, name: str = "keep_rate") -> float:
 def check_image_batch(x, in_chans: int) -> None:
     """Raise InputError unless `x` is a floating-point (B, in_chans, H, W) tensor (every backbone's first check;
     each model adds its own size rule)."""
-    import torch
-
     if not isinstance(x, torch.Tensor):
         raise InputError(f"expected an image tensor (B, {in_chans}, H, W), got {type(x).__name__}")
     if not x.is_floating_point():

@@ -27,17 +27,13 @@ EMBED_LIMIT = int(1.8 * 1024 ** 3)  # weights above this go to external data (ro
 
 
 def export_blocker(model: nn.Module) -> Optional[str]:
-    """Why `model` cannot be exported as one static graph, or None. Checked before the exporter starts."""
-    reducer = getattr(model, "reducer", None)
-    if getattr(reducer, "keep_mode", None) == "threshold":
-        return ("DynamicViT keep_mode='threshold' keeps a per-image number of tokens (data-dependent shapes); "
-                "export keep_mode='topk' (the default) or run it eagerly")
-    if getattr(model, "family", None) == "dit":
-        nodes = getattr(model, "nodes", ())
-        forced = getattr(model, "gate_override", {})
-        if len(forced) < len(nodes):
-            return ("DiT routing runs a per-image set of tokens through each block (data-dependent shapes); run it "
-                    "eagerly, or force every gate open / closed (model.force_gates('open')) to export a fixed path")
+    """Why `model` cannot be exported as one static graph, or None: asked of its reducer and of the model itself
+    (a model family with data-dependent routing), before the exporter starts."""
+    for part in (getattr(model, "reducer", None), model):
+        ask = getattr(part, "export_blocker", None)
+        reason = ask() if callable(ask) else None
+        if reason:
+            return reason
     return None
 
 

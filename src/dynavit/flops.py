@@ -7,7 +7,7 @@ predictor / matching overhead, where it is matmul work) are included.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -22,15 +22,26 @@ def _input_for(model: nn.Module, batch_size: int, img_size: Optional[int]) -> to
     return torch.randn(batch_size, chans, size, size, device=param.device, dtype=param.dtype)
 
 
+def counted(fn: Callable[[], object]) -> FlopCounterMode:
+    """Run `fn()` under FlopCounterMode with math attention (so SDPA's matmuls are counted); the counter."""
+    counter = FlopCounterMode(display=False, depth=None)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter
+
+
+def count_step_flops(step: Callable[[], object]) -> float:
+    """Total FLOPs (2 x MACs) of one call of `step` (e.g. a training step: forward and backward)."""
+    return counted(step).get_total_flops()
+
+
 def _run_counted(model: nn.Module, x: Optional[torch.Tensor], img_size: Optional[int]):
-    """One eval-mode forward under FlopCounterMode with math attention (so SDPA's matmuls are counted)."""
+    """One eval-mode forward under `counted`."""
     was_training = model.training
     model.eval()
     x = _input_for(model, 1, img_size) if x is None else x
-    counter = FlopCounterMode(display=False, depth=None)
     try:
-        with sdpa_kernel(SDPBackend.MATH), counter:
-            model(x)
+        counter = counted(lambda: model(x))
     finally:
         model.train(was_training)
     return counter, x
@@ -77,7 +88,7 @@ def flops_breakdown(model: nn.Module, x: Optional[torch.Tensor] = None, img_size
     """GMACs per image of the executed eval forward: total, per part, per block and per stage.
 
     parts: the outermost counted modules in execution order (`patch_embed`, `blocks.3`, a predictor
-    `score_predictor.0`, `head`, ...), plus `(outside modules)`: matmuls a reducer runs itself (clustering,
+    a method's predictor, `head`, ...), plus `(outside modules)`: matmuls a reducer runs itself (clustering,
     matching, merging). blocks: per block, its GMACs and the non-prefix tokens entering it. stages: runs of
     consecutive blocks with the same token count.
     """

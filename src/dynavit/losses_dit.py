@@ -1,4 +1,6 @@
-"""DiT's budget constraint (docs/dit.md section 3): w * (E_batch[GMACs] / GMACs_twin - budget)^2 after a warm-up."""
+"""DiT's training loss (docs/dit.md section 3): classification plus the budget constraint
+w * (E_batch[GMACs] / GMACs_twin - budget)^2 after a warm-up. `dit_criterion` is what `dynavit train` builds for a
+DiT model (the DiT family spec's criterion factory, registered in `dynavit.models.dit`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .losses import classification_loss
 from .models.dit import budget_loss, check_budget
 from .tokens import ReductionInfo
 
@@ -34,8 +37,7 @@ class DiTBudgetLoss(nn.Module):
         if not self.active(progress):
             return gmacs.new_zeros(())
         budget = self.budget if self.budget is not None else info.extra["budget"]
-        twin = info.extra.get("gmacs_twin", info.extra.get("gmacs_full"))
-        return budget_loss(gmacs, twin, budget, self.weight)
+        return budget_loss(gmacs, info.extra["gmacs_twin"], budget, self.weight)
 
     def active(self, progress: float) -> bool:
         """Whether the loss is on at this fraction of training."""
@@ -43,3 +45,54 @@ class DiTBudgetLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, weight={self.weight}, warmup={self.warmup}"
+
+
+class BudgetCriterion(nn.Module):
+    """Classification plus a budget loss, which is 0 during its warm-up (docs/dit.md section 3).
+
+    The engine calls `set_progress(step / total_steps)` before every step; the criterion passes that progress to
+    the budget loss (`budget_loss(info, progress=...)`), whose `warmup` decides when it switches on. `start`, if
+    given, sets that warm-up. `needs_info`: the engine calls the model with `return_info=True`, so `outputs` is
+    (logits, ReductionInfo).
+    """
+
+    needs_info = True
+
+    def __init__(self, budget_loss: nn.Module, smoothing: float = 0.0, start: Optional[float] = None):
+        super().__init__()
+        self.smoothing = smoothing
+        self.budget_loss = budget_loss
+        if start is not None:
+            self.budget_loss.warmup = float(start)
+        self.progress = 0.0
+        self.last_parts: dict = {}
+
+    @property
+    def start(self) -> float:
+        return float(self.budget_loss.warmup)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_loss.active(self.progress)
+
+    def set_progress(self, fraction: float) -> None:
+        self.progress = float(fraction)
+
+    def forward(self, images: Tensor, outputs, target: Tensor) -> Tensor:
+        logits, info = outputs if isinstance(outputs, tuple) else (outputs, None)
+        loss = classification_loss(getattr(logits, "logits", logits), target, self.smoothing)
+        self.last_parts = {"cls": loss.detach()}
+        if self.enabled:
+            if info is None:
+                raise ConfigError("the budget loss needs the routing info: call the model with return_info=True")
+            budget = self.budget_loss(info, progress=self.progress)
+            self.last_parts["budget"] = budget.detach()
+            loss = loss + budget
+        return loss
+
+
+def dit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = False, start: float = 0.4,
+                  weight: float = 4.0, budget: Optional[float] = None) -> nn.Module:
+    """Classification + the budget loss (weight w, at `budget`, default the model's own `info.extra['budget']`),
+    on after `start` of training (the DiT recipe's 40%)."""
+    return BudgetCriterion(DiTBudgetLoss(budget, weight), smoothing, start)

@@ -28,12 +28,3 @@ def diversity_score(tokens: Tensor, center: str = "medoid") -> Tensor:
     else:
         score = torch.cdist(z, z, p=1).sum(dim=1).min(dim=1).values  # (B, N, N) -> total per candidate -> min
     return score[0] if squeeze else score
-
-
-@torch.no_grad()
-def topk_correct(logits: Tensor, target: Tensor, ks=(1, 5)) -> list:
-    """Number of samples whose target is among the top-k logits, for each k (k clipped to the class count)."""
-    maxk = min(max(ks), logits.shape[-1])
-    pred = logits.topk(maxk, dim=-1).indices  # (B, maxk)
-    hit = pred == target.unsqueeze(-1)
-    return [int(hit[:, :min(k, maxk)].any(dim=-1).sum()) for k in ks]

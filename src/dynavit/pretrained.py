@@ -19,13 +19,16 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch.hub
 from torch import nn
 
+from .checkpoint import filter_state_dict, load_state_dict, read_checkpoint
 from .errors import CheckpointError, ConfigError, WeightsUnavailableError
+from .extras import require
 
 BASE_URL_ENV = "DYNAVIT_WEIGHTS_BASE_URL"
 CLASSIFIER_PREFIXES = ("head.", "head_dist.", "aux_head.")
@@ -137,8 +140,6 @@ def hf_cache_dir() -> Path:
 
 def fetch_hf(repo: str, filename: str) -> Path:
     """Path of `filename` of Hugging Face repository `repo`, from the cache or downloaded into it."""
-    from .extras import require
-
     require("hub", f"pretrained weights from the Hugging Face Hub ({repo})")
     from huggingface_hub import hf_hub_download
 
@@ -157,8 +158,6 @@ def fetch_hf(repo: str, filename: str) -> Path:
 
 
 def torch_hub_checkpoints() -> Path:
-    import torch.hub
-
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
@@ -186,8 +185,6 @@ def _check_hash(path: Path, w: Weights) -> None:
 
 def fetch_url(w: Weights, progress: bool = True) -> Path:
     """Path of release `w` in torch's hub cache, downloaded from its URL (or DYNAVIT_WEIGHTS_BASE_URL) if absent."""
-    import torch.hub
-
     dest = torch_hub_checkpoints() / w.file_name
     base = os.environ.get(BASE_URL_ENV)
     url = f"{base.rstrip('/')}/{w.file_name}" if base else w.url
@@ -209,12 +206,15 @@ def fetch(w: Weights, progress: bool = True) -> Path:
     return fetch_hf(w.hf_repo, w.hf_file) if w.hf_repo else fetch_url(w, progress)
 
 
+def _prefixes(keys: list) -> str:
+    """'gates.*' / 'score_predictor.*': the top-level modules of a list of state-dict keys."""
+    return ", ".join(sorted({k.split(".")[0] + ".*" for k in keys}))
+
+
 def load_pretrained(model: nn.Module, w: Weights, progress: bool = True) -> None:
     """Load release `w` into `model`: strictly, except the classifier when `model` has another number of
-    classes (then the heads keep their fresh initialisation, as timm does) and DynamicViT's predictors when
-    `w` is the dense backbone of a DynamicViT model."""
-    from .checkpoint import filter_state_dict, load_state_dict, read_checkpoint
-
+    classes (then the heads keep their fresh initialisation, as timm does), a method's own parts when `w` is
+    the dense backbone's release, and what a model has beyond its twin when `w` is the twin's release."""
     path = fetch(w, progress)
     sd = filter_state_dict(read_checkpoint(path), model)
     fresh = []
@@ -223,16 +223,18 @@ def load_pretrained(model: nn.Module, w: Weights, progress: bool = True) -> None
         sd = {k: v for k, v in sd.items() if not k.startswith(CLASSIFIER_PREFIXES)}
         fresh.append(f"classifier ({model.num_classes} classes; the release has {w.num_classes})")
     target = model.state_dict()
-    twin = [k for k in target if k not in sd and k.startswith("gates.")] if getattr(model, "family", "") == "dit" \
-        else []
+    head = CLASSIFIER_PREFIXES if reset_head else ()
+    missing = [k for k in target if k not in sd and not k.startswith(head)]
+    # a release of the model's twin (a DiT from its PVTv2's): the parts the twin has not are fresh
+    twin = missing if w.model != getattr(model, "model_name", w.model) else []
     if twin:
-        fresh.append(f"{len(twin)} DiT gate tensors (gates.*; the release is the PVTv2 twin's)")
-    method_only = [k for k in target if k not in sd and k.startswith("score_predictor.")]
-    if method_only and w.method is None:
-        fresh.append(f"{len(method_only)} DynamicViT predictor tensors (score_predictor.*)")
-    allowed = (CLASSIFIER_PREFIXES if reset_head else ()) + (("score_predictor.",) if w.method is None else ()) \
-        + (("gates.",) if twin else ())
-    fits = (all(k in sd or k.startswith(allowed) for k in target) and all(k in target for k in sd)
+        fresh.append(f"{len(twin)} tensors its twin {w.model} has not ({_prefixes(twin)}; the release is the twin's)")
+    # the dense backbone's release under a method: the method's own parts (DynamicViT's predictors) are fresh
+    method_only = [k for k in getattr(model, "method_state_keys", ()) if k in missing] if w.method is None else []
+    if method_only:
+        fresh.append(f"{len(method_only)} tensors of method {model.method_name} ({_prefixes(method_only)})")
+    allowed = set(twin) | set(method_only)
+    fits = (all(k in sd or k in allowed or k.startswith(head) for k in target) and all(k in target for k in sd)
             and all(sd[k].shape == target[k].shape for k in sd))
     load_state_dict(model, sd, strict=not fits, source=repr(str(path)))  # strict: raises the full error
     if fresh:

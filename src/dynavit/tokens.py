@@ -46,9 +46,8 @@ class TokenState:
     num_prefix: int  # P
     patch_to_token: Tensor  # (B, N) long, original patch -> token index in [0, T), -1 = pruned
     sizes: Optional[Tensor] = None  # (B, P+T, 1) float32 patches per token; None = every token is one patch
-    policy: Optional[Tensor] = None  # (B, P+T) soft/hard keep mask in training (DynamicViT); None = all kept
     info: Optional[ReductionInfo] = None  # filled when the caller asked for return_info
-    aux: dict = field(default_factory=dict)  # per-forward scratch for a method (never shared across forwards)
+    aux: dict = field(default_factory=dict)  # per-forward scratch of the method (e.g. DynamicViT's policy)
 
     @classmethod
     def from_tokens(cls, x: Tensor, num_prefix: int, track: bool = False) -> "TokenState":
@@ -93,8 +92,6 @@ def select_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
     state.x = gather_tokens(state.x, full_index)
     if state.sizes is not None:
         state.sizes = gather_tokens(state.sizes, full_index)
-    if state.policy is not None:
-        state.policy = torch.gather(state.policy, 1, full_index)
     old_to_new = torch.full((B, T), -1, dtype=torch.long, device=keep_index.device)
     old_to_new.scatter_(1, keep_index, torch.arange(k, device=keep_index.device).expand(B, k))
     state.patch_to_token = remap_patches(state.patch_to_token, old_to_new)
@@ -128,8 +125,6 @@ def merge_tokens(state: TokenState, group: Tensor, weight: Tensor, num_groups: i
     prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
     state.sizes = torch.cat([prefix_sizes, new_sizes.unsqueeze(-1)], dim=1)
     state.x = torch.cat([x[:, :P], merged], dim=1)
-    if state.policy is not None:
-        state.policy = state.policy.new_ones(B, P + num_groups)
     state.patch_to_token = remap_patches(state.patch_to_token, torch.where(valid, group, -1))
     return state
 

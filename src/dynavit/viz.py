@@ -1,17 +1,18 @@
-"""Pictures of what a method did to an image: kept / pruned patches, merged groups, DiT routing.
+"""Pictures of what a method did to an image: kept / pruned patches, merged groups, a model family's own view.
 
 Everything is drawn from the `ReductionInfo` a forward returns with `return_info=True`, so one function serves
 every method: `info.patch_to_token[stage]` says which token holds each original patch (-1 once pruned). Pruned
-patches are faded to white (DynamicViT's figure), patches that share a token with others are tinted with the
-group's colour and outlined (BAT's Figure 5, ToMe's merged groups, EViT's fused token), and single-patch tokens
-are left as they are. DiT's routing is drawn as the number of blocks each location went through (a panel), or as
-the paper's visualisation (`save_routing_grid`): rows = strides 4..32, columns = stages, the image shown where a
-token of that stride ran a block in that stage and white elsewhere.
+patches are faded to white, patches that share a token with others (merged groups, a fused token) are tinted
+with the group's colour and outlined, and single-patch tokens are left as they are. A model that draws itself
+differently (a routed model family) defines `viz_panels(info, b, image) -> [(title, kind, payload), ...]` with
+kinds 'image', 'overlay' or 'heatmap'; one that draws a figure of its own defines `save_viz(x, path, labels,
+title)` and may build it from `new_figure`, `mask_tile` and `save_figure` (docs/writing-a-method.md).
 
 matplotlib is an optional dependency (`pip install dynavit[plot]`); it is imported when a figure is drawn.
 """
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,8 +35,6 @@ def to_uint8_image(x: Tensor) -> np.ndarray:
 
 def group_colors(num: int, seed: int = 0) -> np.ndarray:
     """`num` well-separated RGB colours in [0, 1] (golden-ratio hues, fixed per seed)."""
-    import colorsys
-
     rng = np.random.default_rng(seed)
     start = rng.random()
     return np.array([colorsys.hsv_to_rgb((start + 0.618034 * i) % 1.0, 0.85, 0.95) for i in range(num)])
@@ -72,17 +71,11 @@ def token_overlay(image: np.ndarray, patch_to_token: Tensor, grid: tuple, tint: 
     return out
 
 
-def routing_depth(info, grid: tuple) -> Tensor:
-    """DiT: (B, gh, gw) number of routing nodes (blocks) run for each finest-scale location."""
-    runs = torch.stack([(p2t >= 0).float() for p2t in info.patch_to_token], 0).sum(0)  # (B, N0)
-    return runs.view(runs.shape[0], *grid)
-
-
-def draw_routing(ax, image: np.ndarray, depth: Tensor, max_depth: int) -> None:
-    """Blocks run per location (DiT) as a heat map over the image."""
+def draw_heatmap(ax, image: np.ndarray, values: Tensor, vmax: float) -> None:
+    """A (gh, gw) map of values (e.g. blocks run per location) over the image."""
     ax.imshow(image)
     H, W = image.shape[:2]
-    ax.imshow(depth.cpu().numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=max_depth, extent=(0, W, H, 0),
+    ax.imshow(values.cpu().numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=vmax, extent=(0, W, H, 0),
               interpolation="nearest")
 
 
@@ -94,12 +87,10 @@ def describe(patch_to_token: Tensor) -> str:
     return f"{len(ids)} tokens" + (f", {merged} merged" if merged else "")
 
 
-def model_grid(model) -> tuple:
-    """The (rows, cols) patch grid of a ViT or the finest DiT scale."""
-    if hasattr(model, "grid_size"):
-        return tuple(model.grid_size)
-    size = getattr(model, "img_size", 224)
-    return (size // 4, size // 4)  # PVTv2 / DiT: stride-4 stem
+def stage_panels(info, b: int, image: np.ndarray, grid: tuple) -> list:
+    """One overlay panel per reduction stage of image b (what every token-reduction method draws)."""
+    return [(f"stage {s + 1}: {describe(p2t[b])}", "overlay", token_overlay(image, p2t[b], grid))
+            for s, p2t in enumerate(info.patch_to_token)]
 
 
 def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
@@ -111,19 +102,15 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
     with torch.no_grad():
         logits, info = model(x, return_info=True)
     pred = logits.argmax(-1)
-    grid = model_grid(model)
+    own = getattr(model, "viz_panels", None)
     out = []
     for b in range(x.shape[0]):
         image = to_uint8_image(x[b])
         panels = [(f"input" + (f" ({labels[b]})" if labels else ""), "image", image)]
-        if "gmacs_full" in info.extra:  # DiT routing
-            depth = routing_depth(info, grid)[b]
-            panels.append((f"DiT: blocks run, {float(info.extra['gmacs'][b]):.3f} GMACs", "routing",
-                           (image, depth, len(info.patch_to_token))))
-        else:
-            for s, p2t in enumerate(info.patch_to_token):
-                panels.append((f"stage {s + 1}: {describe(p2t[b])}", "overlay",
-                                token_overlay(image, p2t[b], grid)))
+        if callable(own):
+            panels += own(info, b, image)
+        elif info.patch_to_token:
+            panels += stage_panels(info, b, image, tuple(model.grid_size))
         k = int(pred[b])
         name = class_names[k] if class_names is not None and k < len(class_names) else k
         panels[-1] = (panels[-1][0] + f"\npredicted {name}", *panels[-1][1:])
@@ -131,8 +118,8 @@ def panels_for(model, x: Tensor, labels: Optional[Sequence[str]] = None,
     return out
 
 
-def routing_tile(image: np.ndarray, active: Tensor, size: tuple) -> np.ndarray:
-    """The image where `active` (N,) tokens of a (h, w) scale are, white elsewhere (float RGB in [0, 1])."""
+def mask_tile(image: np.ndarray, active: Tensor, size: tuple) -> np.ndarray:
+    """The image where `active` (N,) tokens of an (h, w) token grid are, white elsewhere (float RGB in [0, 1])."""
     H, W = image.shape[:2]
     m = active.detach().cpu().view(1, 1, *size).float()
     stride_h, stride_w = -(-H // size[0]), -(-W // size[1])
@@ -140,63 +127,9 @@ def routing_tile(image: np.ndarray, active: Tensor, size: tuple) -> np.ndarray:
     return (image.astype(np.float32) / 255.0) * up + (1.0 - up)
 
 
-def dit_routing_rows(model, x: Tensor) -> list:
-    """Per image: (uint8 image, tiles[stride row][stage col], GMACs, predicted class) for `save_routing_grid`."""
-    from .models.dit import stage_activity
-
-    model.eval()
-    with torch.no_grad():
-        logits, info = model(x, return_info=True)
-    act, sizes = stage_activity(info), info.extra["scale_sizes"]
-    out = []
-    for b in range(x.shape[0]):
-        image = to_uint8_image(x[b])
-        tiles = [[routing_tile(image, act[i][k][b], sizes[i]) for k in range(4)] for i in range(4)]
-        counts = [[int(act[i][k][b].sum()) for k in range(4)] for i in range(4)]
-        out.append((image, tiles, counts, float(info.extra["gmacs"][b]), int(logits[b].argmax())))
-    return out
-
-
-def save_routing_grid(model, x: Tensor, path, labels: Optional[Sequence[str]] = None,
-                      title: Optional[str] = None) -> Path:
-    """DiT's routing as in the paper's visualisation: per image, the input and a 4 x 4 grid (rows = strides
-    4, 8, 16, 32; columns = PVTv2 stages 1-4) of the tokens that ran a block there."""
-    plt = _pyplot()
-    rows = dit_routing_rows(model, x)
-    fig, axes = plt.subplots(4 * len(rows), 5, figsize=(2.0 * 5, 2.0 * 4 * len(rows)), squeeze=False)
-    for b, (image, tiles, counts, gmacs, pred) in enumerate(rows):
-        for i in range(4):
-            for col in range(5):
-                ax = axes[4 * b + i][col]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if col == 0:
-                    if i == 0:
-                        ax.imshow(image)
-                        name = f" ({labels[b]})" if labels else ""
-                        ax.set_title(f"input{name}\n{gmacs:.4g} GMACs, predicted {pred}", fontsize=7.5)
-                    else:
-                        ax.axis("off")
-                    continue
-                ax.imshow(tiles[i][col - 1])
-                ax.set_title(f"{counts[i][col - 1]} tokens", fontsize=6.5)
-                if i == 0:
-                    ax.set_title(f"stage {col}\n{counts[i][col - 1]} tokens", fontsize=7.5)
-                if col == 1:
-                    ax.set_ylabel(f"stride {4 * 2 ** i}", fontsize=7.5)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def draw_panel(ax, title: str, kind: str, payload) -> None:
-    if kind == "routing":
-        draw_routing(ax, *payload)
+    if kind == "heatmap":
+        draw_heatmap(ax, *payload)
     else:
         ax.imshow(payload)
     ax.set_title(title, fontsize=7.5)
@@ -227,12 +160,27 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path) -> Path:
     return Path(path)
 
 
+def new_figure(n_rows: int, n_cols: int, figsize: tuple) -> tuple:
+    """(figure, axes[row][col]) of an n_rows x n_cols grid of panels."""
+    return _pyplot().subplots(n_rows, n_cols, figsize=figsize, squeeze=False)
+
+
+def save_figure(fig, path, title: Optional[str] = None, dpi: int = 110) -> Path:
+    """Title `fig`, save it to `path` (creating its folder) and close it."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optional[list] = None) -> Path:
     """Draw rows of panels [(title, kind, payload), ...] into one PNG."""
-    plt = _pyplot()
-
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.3 * n_cols, 2.75 * n_rows), squeeze=False)
+    fig, axes = new_figure(n_rows, n_cols, (2.3 * n_cols, 2.75 * n_rows))
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -242,14 +190,7 @@ def save_grid(rows: list, path, title: Optional[str] = None, col_titles: Optiona
                     ax.set_title(f"{col_titles[j]}\n{row[j][0]}", fontsize=7.5)
             else:
                 ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
@@ -258,7 +199,7 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
-    markers = {"dense": "*", "dynamicvit": "o", "evit": "s", "bat": "D", "tome": "^", "dit": "P"}
+    markers = iter("osD^Pv<>ph" * 4)  # one marker per curve, in order of appearance
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -267,7 +208,7 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
                     zorder=5)
             continue
         pts = sorted(mine + ([dense] if dense else []), key=lambda r: r["gmacs"])  # each curve starts at dense
-        line, = ax.plot([r["gmacs"] for r in pts], [r["top1"] for r in pts], marker=markers.get(method, "o"),
+        line, = ax.plot([r["gmacs"] for r in pts], [r["top1"] for r in pts], marker=next(markers),
                         ms=7, label=method)
         for r in mine:
             text = f"r={r['r']}" if r.get("r") else f"{r['keep_rate']:g}"
@@ -278,7 +219,7 @@ def plot_tradeoff(rows: list, path, title: str = "accuracy vs compute") -> Path:
     return path
 
 
-def plot_diversity(curves: dict, path, title: str = "token diversity (BAT Eq. 4)") -> Path:
+def plot_diversity(curves: dict, path, title: str = "token diversity of the final tokens") -> Path:
     """curves: {method: [(keep_rate, mean diversity), ...]} -> a line plot."""
     plt = _pyplot()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 from typing import Optional, Sequence
@@ -33,7 +34,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dynavit", description="Per-image token reduction for vision "
-                           "transformers: DynamicViT, BAT, DiT, EViT, ToMe.")
+                           "transformers (`dynavit models` lists the methods).")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _subcommand_modules():
@@ -41,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """The library reports through the `dynavit` logger (never print); the command line shows it on stderr."""
+    logger = logging.getLogger("dynavit")
+    if not any(getattr(h, "_dynavit_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._dynavit_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,9 +1,13 @@
-"""Options shared by several subcommands (one parser for model / method arguments)."""
+"""Options and helpers shared by several subcommands (one parser for model / method arguments)."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import OutputError
+from ..options import parse_assignments
+from .. import registry
 
 
 def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, model_required: bool = True) -> None:
@@ -14,19 +18,20 @@ def add_model_args(p: argparse.ArgumentParser, model_positional: bool = False, m
     else:
         p.add_argument("--model", default=None, help="model name (see `dynavit models`; default: the one the "
                        "--checkpoint asset or run directory was made for)")
-    p.add_argument("--method", default=None, help="token-reduction method (default: dense)")
+    p.add_argument("--method", default=None, help="token-reduction method (default: dense; see `dynavit models`)")
     p.add_argument("--keep-rate", type=number(float, ">0"), default=None,
-                   help="keep rate in (0, 1] (dynamicvit, evit, bat, ...)")
-    p.add_argument("--r", type=number(int, ">=0"), default=None, help="ToMe: tokens merged per block")
-    p.add_argument("--budget", type=float, default=None, help="DiT: target fraction of the full routing cost")
+                   help="keep rate in (0, 1], for methods that take one")
+    p.add_argument("--r", type=number(int, ">=0"), default=None, help="tokens merged per block, for methods that take r")
+    p.add_argument("--budget", type=float, default=None,
+                   help="target fraction of the dense cost, for models that take a budget")
     p.add_argument("--img-size", type=number(int, ">0"), default=None, help="input resolution (default: the model's)")
     p.add_argument("--num-classes", type=number(int, ">0"), default=None,
                    help="classifier outputs (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model or method argument (repeatable), e.g. --set prune_locations=[2,5,8]")
     p.add_argument("--pretrained", action="store_true",
-                   help="load the released weights of the model (`dynavit models` marks which have them; the "
-                        "DynamicViT release for --method dynamicvit at its keep rate)")
+                   help="load the released weights of the model (`dynavit models` marks which have them; a "
+                        "method's own release where one matches --method and its keep rate)")
 
 
 def number(kind: type, rule: str = ""):
@@ -49,39 +54,33 @@ def number(kind: type, rule: str = ""):
     return parse
 
 
-def parse_value(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def model_kwargs(args: argparse.Namespace) -> dict:
     """create_model keyword arguments from the shared options."""
-    kw = {}
-    if args.keep_rate is not None:
-        kw["keep_rate"] = args.keep_rate
-    if args.r is not None:
-        kw["r"] = args.r
-    if args.budget is not None:
-        kw["budget"] = args.budget
-    if args.img_size is not None:
-        kw["img_size"] = args.img_size
-    if args.num_classes is not None:
-        kw["num_classes"] = args.num_classes
-    if getattr(args, "pretrained", False):
-        kw["pretrained"] = True
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        kw[key.strip().replace("-", "_")] = parse_value(value.strip())
-    return kw
+    named = {"keep_rate": args.keep_rate, "r": args.r, "budget": args.budget, "img_size": args.img_size,
+             "num_classes": args.num_classes, "pretrained": getattr(args, "pretrained", False) or None}
+    return {**{k: v for k, v in named.items() if v is not None}, **parse_assignments(args.set)}
 
 
-def build_model(args: argparse.Namespace):
-    from ..registry import create_model
+def build_model(args: argparse.Namespace, **overrides):
+    return registry.create_model(args.model, method=args.method, **{**model_kwargs(args), **overrides})
 
-    return create_model(args.model, method=args.method, **model_kwargs(args))
+
+def label(args: argparse.Namespace) -> str:
+    """'MODEL + NAME:0.7' / 'MODEL (dense)': how the CLI names a model and its method."""
+    spec = registry.spec_for(args.model, args.method)
+    if spec is None or args.method in (None, "dense"):
+        return f"{args.model} (dense)" if spec is None else args.model
+    return f"{args.model} + {spec.label(model_kwargs(args))}"
+
+
+def check_output_file(path: Path) -> None:
+    """An output file must be writable: its folder exists (or can be made) and accepts a new file."""
+    if path.is_dir():
+        raise OutputError(f"--output {str(path)!r} is a folder; give a file name such as {str(path / 'tokens.png')!r}")
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the folder of --output {str(path)!r}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot write --output {str(path)!r}: permission denied (choose another folder)")

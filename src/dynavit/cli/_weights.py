@@ -2,10 +2,10 @@
 
 A weights argument is a file (.safetensors / .pth), a run directory (its `model.safetensors`, or the last
 checkpoint of an interrupted run) or the name of a shipped asset (`demo_vit`; a method asset such as
-`demo_vit_dynamicvit_0.7` names its backbone, which is loaded first). The model to build comes from the asset
+`demo_vit_<method>_0.7` names its backbone, which is loaded first). The model to build comes from the asset
 or the run's `summary.json` when `--model` is omitted; a different `--model` is refused.
 
-Loading rule: every backbone weight must be loaded. The tensors a method adds to a dense model (DynamicViT's
+Loading rule: every backbone weight must be loaded. The tensors a method adds to a dense model (e.g. learned
 predictors) may be missing: `--init` of a dense checkpoint into a method's model is the papers' fine-tune; in
 `eval` / `viz` / `export` it is said in a warning (the method's choices are then arbitrary). A classifier of
 another size is re-initialised by `--init` (a fine-tune to new classes, as DeiT's main.py) and an error
@@ -22,6 +22,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from ..registry import create_model
 
 PARTIAL_FLAG = "--allow-partial"
 HEAD_PREFIXES = ("head.", "head_dist.", "aux_head.")
@@ -149,6 +150,18 @@ def checkpoint_classes(w: Weights) -> Optional[int]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
         n = num_classes_of(sd) or n
     return n
+
+
+def model_and_weights(args) -> tuple:
+    """(model, Weights or None, model name, method) of `--checkpoint` and the command line: the model built with
+    the checkpoint's class count unless `--num-classes` gives one, the weights resolved but not loaded yet."""
+    w = resolve_weights(args.checkpoint) if args.checkpoint else None
+    name, method, kw = model_for(args, w)
+    if w is not None and "num_classes" not in kw:
+        n = checkpoint_classes(w)
+        if n is not None:
+            kw["num_classes"] = n
+    return create_model(name, method=method, **kw), w, name, method
 
 
 def _method_assets(backbone: Optional[str], method: Optional[str]) -> list:

@@ -1,9 +1,10 @@
 """`dynavit bench --model M --method SPEC [--method SPEC ...]`: side-by-side throughput, batch-1 latency, memory.
 
-SPEC: `dense`, `dynamicvit:0.7`, `evit:0.7`, `bat:0.7`, `topk:0.7`, `tome:13`, `dit:0.5`, optionally with
-`,KEY=VALUE` options (see `dynavit.bench`). On start the command re-executes itself once with glibc's malloc
-thresholds raised (METHODS 8: the default thresholds cost 45k-220k page faults per DeiT-S forward and make
-timings swing by up to 35%); `--no-malloc-tunables` keeps the default allocator. The JSON says which was used.
+SPEC: `dense`, or `NAME[:VALUE]` for a method or model family listed by `dynavit models` (VALUE sets its first
+parameter, e.g. a keep rate), optionally with `,KEY=VALUE` options (see `dynavit.bench`). On start the command
+re-executes itself once with glibc's malloc thresholds raised (docs/methods.md section 8: the default
+thresholds cost 45k-220k page faults per DeiT-S forward and make timings swing by up to 35%);
+`--no-malloc-tunables` keeps the default allocator. The JSON says which was used.
 """
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError
-from ._common import number, parse_value
-
-_GUARD = "DYNAVIT_BENCH_REEXEC"
+from ..bench import BenchConfig, format_table, run_benchmark
+from ..options import parse_assignments
+from ..timing import reexec_with_malloc_tunables
+from ._common import number
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure dense and reduced models side by side (img/s, latency, memory)")
     p.add_argument("--model", default="deit_small_patch16_224", help="backbone (default: deit_small_patch16_224)")
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
-                   help="repeatable: dense, dynamicvit:0.7, evit:0.7, bat:0.7, topk:0.7, tome:13, dit:0.5 "
-                        "(dense is added when missing)")
+                   help="repeatable: dense or NAME[:VALUE][,KEY=VALUE ...] of a method / model family "
+                        "(`dynavit models`); dense is added when missing")
     p.add_argument("--batch-size", type=number(int, ">=1"), default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -52,31 +53,10 @@ def _from_command_line() -> bool:
     return launched and "bench" in sys.argv[1:]
 
 
-def _maybe_reexec(args) -> None:
-    """Re-execute `python -m dynavit <same argv>` with GLIBC_TUNABLES set (it must be set before start-up)."""
-    from ..bench import MALLOC_TUNABLES
-
-    current = os.environ.get("GLIBC_TUNABLES", "")
-    if (args.no_malloc_tunables or MALLOC_TUNABLES in current or os.environ.get(_GUARD)
-            or not _from_command_line() or not sys.platform.startswith("linux")):
-        return  # already set, refused, or called as a library (tests): measure as is and report it
-    env = dict(os.environ, GLIBC_TUNABLES=f"{current}:{MALLOC_TUNABLES}" if current else MALLOC_TUNABLES)
-    env[_GUARD] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "dynavit", *sys.argv[1:]], env)
-
-
 def run(args) -> int:
-    _maybe_reexec(args)
-    from ..bench import BenchConfig, format_table, run_benchmark
-
-    kw = {}
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        kw[key.strip().replace("-", "_")] = parse_value(value.strip())
+    if not args.no_malloc_tunables and _from_command_line():  # not from a library or test caller
+        reexec_with_malloc_tunables(["-m", "dynavit", *sys.argv[1:]])
+    kw = parse_assignments(args.set)
     if args.pretrained:
         kw["pretrained"] = True
     cfg = BenchConfig(model=args.model, specs=args.method or ["dense"], batch_size=args.batch_size,

@@ -7,6 +7,8 @@ cores). A rerun replaces the previous run's fine-tunes (and says so).
 """
 from __future__ import annotations
 
+from ..extras import require
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job: fine-tune, prune, merge and route on the embedded digits, "
@@ -27,8 +29,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..extras import require
-
     require("train", "dynavit demo (its dataset)", ("sklearn", "skimage"))
     require("plot", "dynavit demo (its figures)", ("matplotlib",))
     from ..demo import DemoConfig

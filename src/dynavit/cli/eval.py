@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..extras import require
 from ._common import add_model_args, number
 from ._weights import add_weights_args
 
@@ -61,8 +62,6 @@ def run(args) -> int:
     from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
 
     if args.data == "demo":
-        from ..extras import require
-
         require("train", "the demo dataset", ("sklearn", "skimage"))
     info = D.setup(args.device)
     try:

@@ -5,6 +5,7 @@ one .onnx file unless they exceed protobuf's 2 GiB limit (then a `.onnx.data` fi
 """
 from __future__ import annotations
 
+from ..extras import require
 from ._common import add_model_args, number
 from ._weights import add_weights_args
 
@@ -25,23 +26,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..extras import require
-
     modules = ("onnx",) + (() if args.legacy else ("onnxscript",)) + (() if args.no_verify else ("onnxruntime",))
     require("export", "dynavit export", modules)
     from ..export import ExportError, export_blocker, export_onnx
-    from ..registry import create_model
-    from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
-    from .viz import check_output_file
+    from ._weights import load_weights, model_and_weights
+    from ._common import check_output_file
 
     check_output_file(Path(args.onnx))
-    w = resolve_weights(args.checkpoint) if args.checkpoint else None
-    name, method, kw = model_for(args, w)
-    if w is not None and "num_classes" not in kw:
-        n = checkpoint_classes(w)
-        if n is not None:
-            kw["num_classes"] = n
-    model = create_model(name, method=method, **kw)
+    model, w, name, method = model_and_weights(args)
     blocker = export_blocker(model)
     if blocker:  # before loading weights or starting the exporter
         raise ExportError(f"cannot export {name}" + (f" + {method}" if method else "") + f" to ONNX: {blocker}")

@@ -1,4 +1,5 @@
-"""`dynavit flops --model M [--method X --keep-rate R | --r R | --budget B]`: GMACs per image, per stage and total.
+"""`dynavit flops --model M [--method X --keep-rate R | --r R | --budget B | --set K=V]`: GMACs per image, per
+stage and in total.
 
 Counts the eval forward actually executed (tokens really kept, predictor / clustering / matching included) with
 `torch.utils.flop_counter` under the math attention backend (fused CPU attention counts as 0 otherwise).
@@ -9,7 +10,8 @@ import json
 
 import torch
 
-from ._common import add_model_args, build_model
+from ..flops import flops_breakdown
+from ._common import add_model_args, build_model, label
 
 
 def add_parser(sub) -> None:
@@ -20,15 +22,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..flops import flops_breakdown
-
     torch.manual_seed(0)
     model = build_model(args).eval()
     report = flops_breakdown(model)
     report = {"model": args.model, "method": args.method or "dense",
               "img_size": getattr(model, "img_size", None), **report}
-    label = args.model + (f" + {args.method}" if args.method else " (dense)")
-    print(f"{label}: {report['gmacs']:.3f} GMACs per image")
+    print(f"{label(args)}: {report['gmacs']:.3f} GMACs per image")
     if report["stages"]:
         print("| blocks | tokens in | GMACs |\n|---|---|---|")
         for s in report["stages"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..extras import require
 from ._common import add_model_args, model_kwargs, number
 from ._weights import PARTIAL_FLAG
 
@@ -20,8 +21,8 @@ def add_parser(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=number(float, ">0"), default=None, help="epochs (default: the recipe's)")
     g.add_argument("--max-steps", type=number(int, ">=1"), default=None, help="optimiser steps instead of epochs")
-    p.add_argument("--recipe", default=None, help="dense | finetune | dynamicvit | dynamiccnn | dynamicswin | evit | "
-                   "bat | bat_scratch | tome | dit (default: from --method)")
+    p.add_argument("--recipe", default=None, help="a recipe listed by `dynavit models` (default: the method's "
+                   "or the model family's own, else finetune / dense)")
     p.add_argument("--batch-size", type=number(int, ">=1"), default=64,
                    help="images per process per micro-batch (default 64)")
     p.add_argument("--accum-steps", type=number(int, ">=1"), default=1,
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mixup", type=number(float, ">=0"), default=None)
     p.add_argument("--cutmix", type=number(float, ">=0"), default=None)
     p.add_argument("--smoothing", type=number(float, ">=0"), default=None)
-    p.add_argument("--no-distill", action="store_true", help="DynamicViT: no teacher distillation")
+    p.add_argument("--no-distill", action="store_true", help="no teacher distillation (for criteria that have one)")
     p.add_argument("--workers", type=number(int, ">=0"), default=None, help="DataLoader workers per process")
     p.add_argument("--save-every", type=number(int, ">=0"), default=0, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=number(int, ">=1"), default=10, help="log.jsonl line every N steps")
@@ -150,12 +151,11 @@ def run(args) -> int:
 
     from ..data import build_dataset
     from ..data.folder import scan_folder
-    from ..extras import require
-    from ..registry import create_model, get_method
+    from ..recipes import get_recipe
+    from ..registry import create_model, spec_for
     from ..train import dist as D
     from ..train.criterion import build_criterion
     from ..train.engine import Trainer, TrainConfig
-    from ..train.recipes import get_recipe
 
     if args.extend and not args.resume:
         from ..errors import ConfigError
@@ -177,6 +177,7 @@ def run(args) -> int:
         import torch
 
         torch.manual_seed(args.seed)  # the initial weights: same on every rank and in every run with this seed
+        spec = spec_for(args.model, args.method)
         if args.data == "demo":
             classes = [str(c) for c in range(10)]
             train_dir, val_dir = "demo", (None if args.no_eval else "demo")
@@ -203,9 +204,8 @@ def run(args) -> int:
             val_set = build_dataset(str(val_dir), "val", img_size, train=False, classes=getattr(train_set, "classes",
                                                                                               None),
                                     demo_size=demo_val, demo_cache=args.demo_cache)
-        criterion = build_criterion(model, recipe.criterion, smoothing=aug.smoothing,
-                                    distill=recipe.distill and not args.no_distill, budget=args.budget,
-                                    budget_start=recipe.budget_start)
+        criterion = build_criterion(model, spec.criterion if spec else None, smoothing=aug.smoothing,
+                                    distill=recipe.distill and not args.no_distill)
         global_batch = args.batch_size * info.world * args.accum_steps
         lr, rule = learning_rate(args, recipe, global_batch, info.main)
         reducer = getattr(model, "reducer", None)
@@ -230,9 +230,9 @@ def run(args) -> int:
             num_classes=len(classes), augment=aug, keep_rate=keep,
             keep_schedule=recipe.keep_schedule if keep is not None else None, workers=args.workers,
             save_every=args.save_every, log_every=args.log_every, resume=args.resume, extend=args.extend,
-            find_unused_parameters=recipe.criterion == "budget", tensorboard=args.tensorboard,
+            find_unused_parameters=recipe.find_unused_parameters, tensorboard=args.tensorboard,
             stop_after_step=args.stop_after_step)
-        method_params = get_method(args.method).params if args.method not in (None, "dense") else ()
+        method_params = spec.params if args.method not in (None, "dense") else ()
         meta = {"model": args.model, "method": args.method or "dense", "recipe": recipe.name,
                 "keep_rate": keep, "data": args.data, "num_classes": len(classes), "img_size": img_size,
                 "model_kwargs": {k: v for k, v in kw.items() if k not in method_params and k != "pretrained"},

@@ -1,17 +1,19 @@
 """`dynavit viz --model M --method X --checkpoint C --image PATH [--output PNG]`: draw what a method did to an image.
 
-Pruned patches are faded, merged groups coloured (one colour per token), one panel per reduction stage. A DiT
-model (`--model dit_...`) is drawn as the paper's visualisation: rows = strides 4..32, columns = stages, the tokens
-that ran a block there (docs/dit.md). `--checkpoint` takes a file, a run directory or the name of a shipped
-asset (e.g. `demo_vit`, or `demo_vit_dynamicvit_0.7`, which loads its backbone too); the model, method and class
-count default to the checkpoint's. Without it the freshly initialised model is drawn (its choices are then
+Pruned patches are faded, merged groups coloured (one colour per token); one panel per reduction stage, the
+panels a model family draws itself (`viz_panels`, e.g. blocks run per location), or the figure it draws whole
+(`save_viz`, e.g. a routing grid: rows = strides, columns = stages). `--checkpoint` takes a file, a run directory
+or the name of a shipped asset (e.g. `demo_vit`, or a method asset `demo_vit_<method>_0.7`, which loads its
+backbone too); the model, method and class count default to the checkpoint's. Without it the freshly
+initialised model is drawn (its choices are then
 arbitrary). The predicted class of each image is printed, by name when the run saved its class names.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_model_args
+from ..extras import require
+from ._common import add_model_args, check_output_file
 from ._weights import add_weights_args
 
 
@@ -42,54 +44,27 @@ def load_image(path: str, img_size: int):
     return eval_batch(x.unsqueeze(0), img_size)
 
 
-def check_output_file(path: Path) -> None:
-    """An output file must be writable: its folder exists (or can be made) and accepts a new file."""
-    import os
-
-    from ..errors import OutputError
-
-    if path.is_dir():
-        raise OutputError(f"--output {str(path)!r} is a folder; give a file name such as {str(path / 'tokens.png')!r}")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the folder of --output {str(path)!r}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OutputError(f"cannot write --output {str(path)!r}: permission denied (choose another folder)")
-
-
 def run(args) -> int:
-    from ..extras import require
-
     require("plot", "dynavit viz", ("matplotlib",))
     import torch
 
-    from ..registry import create_model
     from ..viz import panels_for, save_grid
-    from ._weights import checkpoint_classes, load_weights, model_for, resolve_weights
+    from ._weights import load_weights, model_and_weights
 
     images = [Path(p) for p in args.image]
     out = Path(args.output) if args.output else images[0].with_name(images[0].stem + "_tokens.png")
     check_output_file(out)
-    w = resolve_weights(args.checkpoint) if args.checkpoint else None
-    name, method, kw = model_for(args, w)
-    if w is not None and "num_classes" not in kw:
-        n = checkpoint_classes(w)
-        if n is not None:
-            kw["num_classes"] = n
-    model = create_model(name, method=method, **kw)
+    model, w, name, method = model_and_weights(args)
     if w is not None:
         load_weights(model, w, partial=args.allow_partial)
     model.eval()
     size = getattr(model, "img_size", 224)
     x = torch.cat([load_image(str(p), size) for p in images])
     classes = w.classes if w is not None else None
-    if getattr(model, "family", None) == "dit":  # the routing grid (docs/dit.md section 6)
-        from ..viz import save_routing_grid
-
-        save_routing_grid(model, x, out, [p.name for p in images],
-                          title=f"{name} budget {model.budget:g}" + (f" ({w.label})" if w else ""))
+    source = f" ({w.label})" if w else ""
+    own = getattr(model, "save_viz", None)
+    if callable(own):  # a model family's own figure (docs/writing-a-method.md)
+        own(x, out, [p.name for p in images], title=name + source)
         print(f"wrote {out}")
         return 0
     rows = panels_for(model, x, [p.name for p in images], class_names=classes)
@@ -99,6 +74,6 @@ def run(args) -> int:
         conf, k = row.max(0)
         label = repr(classes[int(k)]) if classes and int(k) < len(classes) else f"class {int(k)}"
         print(f"{p.name}: predicted {label} ({100 * float(conf):.1f}%)")
-    save_grid(rows, out, title=f"{name} + {method or 'dense'}" + (f" ({w.label})" if w else ""))
+    save_grid(rows, out, title=f"{name} + {method or 'dense'}{source}")
     print(f"wrote {out}")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import CheckpointNotFoundError, DataError
@@ -82,8 +83,6 @@ class ImageFolder(Dataset):
         return torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2 ** 63)
 
     def __getitem__(self, key):
-        from PIL import Image, UnidentifiedImageError
-
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[index]
         try:

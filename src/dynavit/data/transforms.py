@@ -9,10 +9,13 @@ fixed squares (the demo) leave the crop to the batch (`TrainAugment(crop=True)`)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,9 +30,6 @@ def resize_size(img_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
 
 def pil_resize_center_crop(img, resize: int, crop: int):
     """PIL image -> uint8 tensor (3, crop, crop): shorter side to `resize` (bicubic), then a centre crop."""
-    import numpy as np
-    from PIL import Image
-
     img = img.convert("RGB")
     w, h = img.size
     scale = resize / min(w, h)
@@ -47,8 +47,6 @@ def random_resized_crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3
     Up to 10 draws of area ~ U(scale) * W * H and log aspect ~ U(log ratio); the first window that fits wins.
     Otherwise the whole image, cut to the nearest allowed aspect ratio, centred.
     """
-    import math
-
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -73,9 +71,6 @@ def random_resized_crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3
 def pil_random_resized_crop(img, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                             generator: torch.Generator = None):
     """PIL image -> uint8 tensor (3, size, size): a RandomResizedCrop window of the full image, resized bicubically."""
-    import numpy as np
-    from PIL import Image
-
     img = img.convert("RGB")
     left, top, w, h = random_resized_crop_box(img.size[0], img.size[1], scale, ratio, generator)
     img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))

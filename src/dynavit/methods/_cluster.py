@@ -1,5 +1,5 @@
-"""Batched clustering and matching of token sets (BAT's token merger, METHODS 5). Pure functions, no loops over
-images: every function takes (B, M, C) features with the same M per image and returns index tensors.
+"""Batched clustering and matching of token sets (BAT's token merger, docs/methods.md 5). Pure functions, no
+loops over images: every function takes (B, M, C) features with the same M per image and returns index tensors.
 
 - `dpc_cluster`: density-peak clustering without iterations (Rodriguez & Laio 2014; BAT Eqs. 6-7): a density
   per token (DPC-KNN `exp(-mean kNN d^2)` or the paper's Gaussian `exp(-sum_j d^2 / 2 sigma^2)`), the distance
@@ -11,8 +11,8 @@ images: every function takes (B, M, C) features with the same M per image and re
 
 Shapes and control flow depend only on the sizes, never on the values (no `.item()`; the one early exit, in
 `greedy_pairs`, is taken in eager CPU runs only and changes no result), so BAT exports to ONNX and compiles with
-`torch.compile(fullgraph=True)`; the two ops ONNX lacks (cdist, stable sort)
-are recorded in an equivalent form during an ONNX export only (`onnx_exporting`).
+`torch.compile(fullgraph=True)`; the two ops ONNX lacks (cdist here, the stable sort in `dynavit.ops`) are
+recorded in an equivalent form during an ONNX export only (`onnx_exporting`).
 
 Distances are Euclidean divided by sqrt(C), computed in float32; ties in density are broken by position
 (earlier = denser), so results are deterministic.
@@ -20,31 +20,15 @@ Distances are Euclidean divided by sqrt(C), computed in float32; ties in density
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..ops import onnx_exporting
+
 DENSITIES = ("knn", "gaussian")
 ASSIGNMENTS = ("nearest", "chain")
-
-
-def onnx_exporting() -> bool:
-    """Whether torch.onnx.export is tracing this call (without importing torch.onnx just to ask)."""
-    onnx = sys.modules.get("torch.onnx")
-    return onnx is not None and onnx.is_in_onnx_export()
-
-
-def argsort_desc(scores: Tensor) -> Tensor:
-    """Stable descending argsort of (B, T) scores (ties: the earlier token first).
-
-    ONNX has no stable sort, but its TopK (what the exporter makes of a plain sort) breaks ties by the lower
-    index, which is exactly this order; so the ONNX export records the plain sort and PyTorch runs the stable one.
-    """
-    if onnx_exporting():
-        return scores.sort(dim=1, descending=True).indices
-    return scores.argsort(dim=1, descending=True, stable=True)
 
 
 def cdist(a: Tensor, b: Tensor) -> Tensor:

@@ -1,11 +1,13 @@
-"""Shared parts of the class-attention reducers (EViT, BAT, top-k, random): locations, keep rates, the hook.
+"""Shared parts of the reducers: block locations, keep rates and the class-attention stage reducer.
 
-EViT, BAT and the baselines act inside a few blocks, between attention and MLP (METHODS 2, 4, 5). They ask the
-attention for its head-averaged class row only at those blocks, so every other block keeps its plain fused path.
+EViT, BAT and the baselines act inside a few blocks, between attention and MLP (docs/methods.md sections 2, 4,
+5). They ask the attention for its head-averaged class row only at those blocks, so every other block keeps its
+plain fused path. DynamicViT uses the same location rule and checks (`stage_locations`, `check_locations`).
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
@@ -14,30 +16,33 @@ from ..errors import ConfigError, check_keep_rate
 from ..reduction import TokenReducer
 from ..tokens import TokenState
 
-# EViT / BAT locations (0-based block indices): layers 4, 7, 10 of 12-block models; at depth 16 (LV-ViT-S) the
-# 0-based (4, 8, 12) that reproduce the published GMACs (BAT 4.7, EViT 4.7 / 3.9; (3, 7, 11) gives 4.51), named
-# `LVVIT_S_LOCATIONS` (docs/bat.md). The demo backbone is 12 blocks deep, so its assets are not affected.
+# EViT / BAT locations (0-based block indices) are `stage_locations`: layers 4, 7, 10 of 12-block models; at depth
+# 16 (LV-ViT-S) the 0-based (4, 8, 12) that reproduce the published GMACs (BAT 4.7, EViT 4.7 / 3.9; (3, 7, 11)
+# gives 4.51), named `LVVIT_S_LOCATIONS` (docs/bat.md). The demo backbone is 12 blocks deep.
 LVVIT_S_LOCATIONS = (4, 8, 12)
-_DEFAULT_LOCATIONS = {12: (3, 6, 9), 16: LVVIT_S_LOCATIONS}
 
 
-def default_locations(depth: int) -> tuple:
-    """[3, 6, 9] at depth 12, [4, 8, 12] at 16 (LV-ViT-S's published GMACs), else the quarter points of the depth."""
-    if depth in _DEFAULT_LOCATIONS:
-        return _DEFAULT_LOCATIONS[depth]
-    return tuple(sorted({max(1, depth * q // 4) for q in (1, 2, 3)}))
+def stage_locations(depth: int, num_stages: int = 3) -> tuple:
+    """Blocks depth * s // (S + 1) for s = 1..S: (3, 6, 9) at depth 12, (4, 8, 12) at 16, (5, 10, 15) at 20."""
+    locs = tuple(depth * s // (num_stages + 1) for s in range(1, num_stages + 1))
+    if depth < num_stages + 1 or len(set(locs)) != len(locs) or locs[0] < 1:
+        raise ConfigError(f"no default locations for depth {depth} with {num_stages} stages; pass the locations "
+                          f"explicitly (a list of increasing block indices in [0, {depth}))")
+    return locs
 
 
 def check_locations(locations: Optional[Sequence[int]], depth: int, name: str = "locations") -> tuple:
-    """Validate block indices (sorted, unique, in [0, depth)); None -> the default for this depth."""
+    """Validate block indices (ints, strictly increasing, in [0, depth)); None -> `stage_locations(depth)`."""
     if locations is None:
-        return default_locations(depth)
+        return stage_locations(depth)
     try:
-        locs = tuple(int(i) for i in locations)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a list of block indices, got {locations!r}") from None
-    if not locs or list(locs) != sorted(set(locs)) or locs[0] < 0 or locs[-1] >= depth:
-        raise ConfigError(f"{name} must be increasing, unique block indices in [0, {depth}), got {list(locs)}")
+        locs = tuple(operator.index(i) for i in locations)
+    except TypeError:
+        locs = None
+    if not locs or any(isinstance(i, bool) for i in locations) or locs[0] < 0 or locs[-1] >= depth \
+            or any(a >= b for a, b in zip(locs, locs[1:])):
+        raise ConfigError(f"{name} must be a non-empty, strictly increasing list of block indices in "
+                          f"[0, {depth}), got {locations!r}")
     return locs
 
 
@@ -85,13 +90,18 @@ class StageReducer(TokenReducer):
         s = self._stage.get(i)
         if s is None:
             return state
-        state = self.reduce(state, cls_attn, keys, self.keep_rates[s])
+        if keep_count(self.keep_rates[s], state.num_tokens) < state.num_tokens:  # else the stage keeps all
+            state = self.reduce(state, cls_attn, keys, self.keep_rates[s], **self.stage_inputs(model, s))
         state.record_stage()
         return state
 
+    def stage_inputs(self, model: nn.Module, s: int) -> dict:
+        """Further keyword arguments of `reduce` at stage s, read from the model (e.g. its patch grid)."""
+        return {}
+
     def reduce(self, state: TokenState, cls_attn: Optional[Tensor], keys: Optional[Tensor],
                keep_rate: float) -> TokenState:
-        """One stage: cls_attn (B, P+T) class-attention row, keys (B, P+T, d) if requested."""
+        """One stage that removes tokens: cls_attn (B, P+T) class-attention row, keys (B, P+T, d) if requested."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..registry import register_method
 from ..tokens import TokenState, select_tokens
 from ._common import StageReducer, keep_count, record_extra
-from .evit import EViTReducer
+from .evit import INFO_FIELDS, RECIPE, EViTReducer
 
 
 class TopKReducer(EViTReducer):
@@ -49,8 +49,6 @@ class RandomReducer(StageReducer):
                keep_rate: float) -> TokenState:
         T = state.num_tokens
         k = keep_count(keep_rate, T)
-        if k >= T:
-            return state
         dev = state.x.device
         if self.seed is not None and (self._generator is None or self._generator.device != dev):
             self._generator = torch.Generator(device=dev).manual_seed(self.seed)
@@ -62,7 +60,8 @@ class RandomReducer(StageReducer):
         return f"{super().extra_repr()}, seed={self.seed}"
 
 
-@register_method("topk", params=("keep_rate", "locations"), families=("vit",))
+@register_method("topk", params=("keep_rate", "locations"), families=("vit",), recipe=RECIPE,
+                 attention_extras=("need_cls_attn",), identity={"keep_rate": 1.0}, info_fields=INFO_FIELDS)
 def apply_topk(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                locations: Optional[Sequence[int]] = None) -> nn.Module:
     """Top-k class-attention pruning (EViT without fusion) at [3, 6, 9]: keep ceil(rho*T), drop the rest."""
@@ -70,7 +69,8 @@ def apply_topk(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
     return model
 
 
-@register_method("random", params=("keep_rate", "locations", "seed"), families=("vit",))
+@register_method("random", params=("keep_rate", "locations", "seed"), families=("vit",), recipe=RECIPE,
+                 identity={"keep_rate": 1.0}, info_fields=INFO_FIELDS)
 def apply_random(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> nn.Module:
     """Random pruning baseline: keep ceil(rho*T) uniformly random tokens per image at each location.

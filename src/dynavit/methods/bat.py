@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..ops import argsort_desc
+from ..recipes import Recipe
 from ..registry import register_method
 from ..tokens import TokenState, gather_tokens, merge_tokens
 from . import _cluster
@@ -196,7 +198,7 @@ def bat_plan(feat: Tensor, scores: Tensor, K: int, p: int, n: int, cfg: BATConfi
     """
     B, T = scores.shape
     dev = scores.device
-    order = _cluster.argsort_desc(scores)  # (B, T)
+    order = argsort_desc(scores)  # (B, T)
     attentive, inattentive = order[:, :K], order[:, K:]
     M = T - K
     pairs = (_cluster.greedy_pairs(gather_tokens(feat, attentive), p) if p > 0
@@ -282,23 +284,15 @@ class BATReducer(StageReducer):
             kw["need_keys"] = True
         return kw
 
-    def after_attention(self, model: nn.Module, i: int, state: TokenState, cls_attn: Optional[Tensor],
-                        keys: Optional[Tensor]) -> TokenState:
-        s = self._stage.get(i)
-        if s is None:
-            return state
+    def stage_inputs(self, model: nn.Module, s: int) -> dict:
         merger = model.bat_subsample[s] if self.config.merger == "subsample" else None
-        state = self.reduce(state, cls_attn, keys, self.keep_rates[s], getattr(model, "grid_size", None), merger)
-        state.record_stage()
-        return state
+        return {"grid": getattr(model, "grid_size", None), "subsample": merger}
 
     def reduce(self, state: TokenState, cls_attn: Optional[Tensor], keys: Optional[Tensor],
                keep_rate: float, grid: Optional[tuple] = None,
                subsample: Optional[SubsampleMerger] = None) -> TokenState:
         cfg = self.config
         K, p, n = stage_counts(state.num_tokens, keep_rate, cfg)
-        if K >= state.num_tokens:
-            return state
         scores = patch_scores(state, cls_attn)  # (B, T)
         P = state.num_prefix
         feat = state.x[:, P:] if cfg.feature == "tokens" else keys[:, P:]
@@ -328,7 +322,20 @@ class BATReducer(StageReducer):
 _PARAMS = ("keep_rate", "locations") + tuple(BATConfig.__dataclass_fields__)
 
 
-@register_method("bat", params=_PARAMS, families=("vit",))
+RECIPE = Recipe("bat", "BAT fine-tune from a pretrained DeiT (the authors' logs for rho 0.2-0.6): 30 epochs, lr 4e-5 "
+                "at batch 1024 (= 2e-5 x B/512), cosine to 2e-6, no warm-up, wd 1e-6, keep rate rho from the first "
+                "step (EViT's fine-tune)", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0,
+                weight_decay=1e-6)
+# paper Sec. 5.1: "the keep rate decreases from 1 to the target over 100 epochs" of 300
+SCRATCH_RECIPE = Recipe("bat_scratch", "BAT from scratch (paper Sec. 5.1, the authors' rho 0.7 log): DeiT's 300 "
+                        "epochs, lr 5e-4 x B/512, warm-up 5, min 1e-5, wd 0.05, keep rate 1 -> rho by cosine over the "
+                        "first 100 epochs", epochs=300, lr=5e-4, lr_batch=512, min_lr=1e-5, warmup_epochs=5,
+                        weight_decay=0.05, keep_schedule=(0.0, 100 / 300))
+
+
+@register_method("bat", params=_PARAMS, families=("vit",), recipe=RECIPE, recipes=(SCRATCH_RECIPE,),
+                 attention_extras=("need_cls_attn", "need_keys"), identity={"keep_rate": 1.0},
+                 info_fields={"bat": "per stage, the BATPlan: group of every token, attentive tokens, pairs, clusters"})
 def apply_bat(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
               locations: Optional[Sequence[int]] = None, **config) -> nn.Module:
     """BAT: split tokens by class attention, cluster the inattentive ones (DPC), match attentive pairs.

@@ -1,5 +1,5 @@
 """DynamicCNN and DynamicSwin (Rao et al., TPAMI extension of DynamicViT): dynamic spatial sparsification of
-hierarchical backbones (METHODS 3.4; docs/dynamic-hierarchical.md).
+hierarchical backbones (docs/dynamic-hierarchical.md).
 
 Nothing is removed: depthwise convolutions and shifted windows need the whole grid. In one stage (stage 3, the
 1/16 map) predictors rank every position; from each predictor on, every block sends the top `int(N * ratio)`
@@ -31,8 +31,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keep_rate
 from ..hier import MapContext, MapReducer
+from ..losses import classification_loss, logit_distillation
+from ..recipes import Recipe
 from ..registry import register_method
 from ..tokens import gather_tokens
+from .dynamicvit import ScorePredictor, keep_ratio_loss
 
 RATIO_ARITHMETIC = ("float", "decimal")
 _RATIO_STEP = 0.2  # the authors' main.py: SPARSE_RATIO = [b, b - 0.2, b - 0.4]
@@ -91,46 +94,6 @@ def check_hier_locations(prune_locations, depth: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- modules
-class HierPredictor(nn.Module):
-    """The authors' `PredictorLG` for hierarchical maps: tokens (B, N, C) -> log p (B, N, 2), index 0 = full path.
-
-    LN -> 1x1 -> GELU; local half per position, global half = plain mean over all N positions (not a
-    decision-weighted mean as in DynamicViT); then 1x1 C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax.
-    `conv=True` holds the layers as 1x1 Conv2d (ConvNeXt keys, LayerNorm eps 1e-6), else as Linear (Swin,
-    eps 1e-5); both compute on channels-last tokens.
-    """
-
-    def __init__(self, dim: int, conv: bool):
-        super().__init__()
-
-        def lin(i: int, o: int) -> nn.Module:
-            return nn.Conv2d(i, o, 1) if conv else nn.Linear(i, o)
-
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=1e-6 if conv else 1e-5), lin(dim, dim), nn.GELU())
-        self.out_conv = nn.Sequential(lin(dim, dim // 2), nn.GELU(), lin(dim // 2, dim // 4), nn.GELU(),
-                                      lin(dim // 4, 2), nn.LogSoftmax(dim=-1))
-        for m in self.modules():  # the authors' init
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    @staticmethod
-    def _w(m: nn.Module) -> Tensor:
-        return m.weight.flatten(1)  # (out, in, 1, 1) 1x1 conv or (out, in) Linear -> (out, in)
-
-    def forward(self, x: Tensor) -> Tensor:
-        ln, first = self.in_conv[0], self.in_conv[1]
-        z = F.gelu(F.linear(ln(x), self._w(first), first.bias))  # (B, N, C)
-        half = z.shape[-1] // 2
-        local, glob = z[..., :half], z[..., half:].mean(dim=1, keepdim=True)  # (B, N, C/2), (B, 1, C - C/2)
-        m0 = self.out_conv[0]
-        w0 = self._w(m0)  # out_conv[0](cat[local, global]) with the weight split: the global half is one row
-        h = F.gelu(F.linear(local, w0[:, :half], m0.bias) + F.linear(glob, w0[:, half:]))  # (B, N, C/2)
-        m2, m4 = self.out_conv[2], self.out_conv[4]
-        h = F.gelu(F.linear(h, self._w(m2), m2.bias))
-        return F.linear(h, self._w(m4), m4.bias).log_softmax(dim=-1)  # (B, N, 2)
-
-
 class FastMlp(nn.Module):
     """DynamicSwin's fast path `fastmlp`: LayerNorm + Linear(C, C), no activation."""
 
@@ -358,7 +321,7 @@ def _attach(model: nn.Module, reducer: DynamicHier, conv: bool, dim: int, fast_f
     blocks = model.stage_blocks(reducer.stage)
     for j in range(reducer.locations[0], len(blocks)):
         fast_factory(blocks[j])
-    parent.score_predictor = nn.ModuleList(HierPredictor(dim, conv) for _ in reducer.locations)
+    parent.score_predictor = nn.ModuleList(ScorePredictor(dim, conv) for _ in reducer.locations)
     model.to(device=ref.device, dtype=ref.dtype)
     model.reducer = reducer
 
@@ -376,10 +339,32 @@ def _swin_fast(blk: nn.Module) -> None:
     blk.fastmlp.apply(_init_linear)
 
 
+# ---------------------------------------------------------------------------------------------- registration
+RECIPES = {name: Recipe(
+    name, f"{label} (TPAMI, the authors' README; docs/dynamic-hierarchical.md): 120 epochs from a pretrained dense "
+    "model, lr 4e-3 x B/4096, warm-up 20, backbone lr x 0.2 and frozen for 5 epochs, dense teacher distillation "
+    "(ratio weight 10, token MSE), EMA 0.9999; the authors also set drop path 0.2 (0.5 for -B): "
+    "--set drop_path_rate=0.2", epochs=120, lr=4e-3, lr_batch=4096, min_lr=1e-6, warmup_epochs=20,
+    weight_decay=0.05, distill=True, backbone_lr_scale=0.2,
+    head_patterns=("score_predictor.*", "*.score_predictor.*", "*fast_path*", "*fastmlp*"),
+    freeze_backbone_epochs=5, ema_decay=0.9999) for name, label in (("dynamiccnn", "DynamicCNN"),
+                                                                    ("dynamicswin", "DynamicSwin"))}
+INFO_FIELDS = {"full_positions": "per predictor, (B, k) stage-3 positions sent through the full path",
+               "fast_positions": "per predictor, (B, N - k) positions sent through the fast path",
+               "keep_logp": "per predictor, (B, N) keep log-probability of every stage-3 position",
+               "decisions": "training: per predictor, (B, N) straight-through full-path decisions"}
+
+
+def dynamic_hier_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = True) -> DynamicHierLoss:
+    """The criterion `dynavit train` uses (the specs' factory): with the dense teacher unless distill is off."""
+    return DynamicHierLoss.for_model(model, distill=distill, smoothing=smoothing)
+
+
 _PARAMS = ("keep_rate", "prune_locations", "ratio_arithmetic")
 
 
-@register_method("dynamiccnn", params=_PARAMS, families=("convnext",))
+@register_method("dynamiccnn", params=_PARAMS, families=("convnext",), recipe=RECIPES["dynamiccnn"],
+                 criterion=dynamic_hier_criterion, info_fields=INFO_FIELDS)
 def apply_dynamiccnn(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                      prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
     """DynamicCNN (TPAMI): in ConvNeXt stage 3 only the predicted top positions run the FFN (ratios b, b-.2, b-.4).
@@ -397,7 +382,8 @@ def apply_dynamiccnn(model: nn.Module, keep_rate: Union[float, Sequence[float]] 
     return model
 
 
-@register_method("dynamicswin", params=_PARAMS, families=("swin",))
+@register_method("dynamicswin", params=_PARAMS, families=("swin",), recipe=RECIPES["dynamicswin"],
+                 criterion=dynamic_hier_criterion, info_fields=INFO_FIELDS)
 def apply_dynamicswin(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                       prune_locations: Optional[Sequence[int]] = None, ratio_arithmetic: str = "float") -> nn.Module:
     """DynamicSwin (TPAMI): in Swin stage 3 only the predicted top tokens run the MLP (ratios b, b-.2, b-.4).
@@ -440,13 +426,6 @@ def dense_teacher_outputs(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor
     return teacher.forward_head(features), teacher.final_featmap(features)
 
 
-def hier_ratio_loss(decisions: Sequence[Tensor], ratios: Sequence[float]) -> Tensor:
-    """sum_i mean_b (mean over positions of D_i - ratio_i)^2 (unweighted, not divided by the count)."""
-    if len(decisions) != len(ratios):
-        raise ConfigError(f"got {len(decisions)} predictors' decisions but {len(ratios)} ratios {list(ratios)}")
-    return sum(((d.mean(dim=1) - r) ** 2).mean() for d, r in zip(decisions, ratios))
-
-
 def dynamic_hier_loss(outputs: DynamicHierOutput, target: Tensor, teacher_logits: Optional[Tensor],
                       teacher_featmap: Optional[Tensor], ratios: Sequence[float], clf_weight: float = 1.0,
                       ratio_weight: float = 10.0, distill_weight: float = 0.5, smoothing: float = 0.0):
@@ -455,10 +434,8 @@ def dynamic_hier_loss(outputs: DynamicHierOutput, target: Tensor, teacher_logits
     total = clf_w * CE + ratio_w * ratio / len(ratios) + distill_w * KL(teacher || student) + distill_w * token,
     token = MSE over the whole final feature map (no mask). Without a teacher: CE and ratio only.
     """
-    from ..losses import classification_loss, logit_distillation
-
     cls = classification_loss(outputs.logits, target, smoothing)
-    ratio = hier_ratio_loss(outputs.decisions, ratios)
+    ratio = keep_ratio_loss(outputs.decisions, ratios)  # DynamicViT's, over positions instead of tokens
     total = clf_weight * cls + ratio_weight * ratio / len(ratios)
     kl = tok = cls.new_zeros(())
     if teacher_logits is not None:

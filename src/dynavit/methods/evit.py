@@ -1,4 +1,4 @@
-"""EViT (Liang et al., ICLR 2022): keep the tokens the class token attends to, fuse the rest (METHODS 4).
+"""EViT (Liang et al., ICLR 2022): keep the tokens the class token attends to, fuse the rest (docs/methods.md 4).
 
 Inside blocks [3, 6, 9], after the attention residual: the `ceil(rho * T)` non-prefix tokens with the highest
 head-averaged class attention are kept (in descending score order, as the authors' `topk(sorted=True)`), and with
@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..recipes import Recipe
 from ..registry import register_method
 from ..tokens import TokenState, merge_tokens, select_tokens
 from ._common import StageReducer, keep_count, patch_scores, record_extra
@@ -51,10 +52,7 @@ class EViTReducer(StageReducer):
 
     def reduce(self, state: TokenState, cls_attn: Optional[Tensor], keys: Optional[Tensor],
                keep_rate: float) -> TokenState:
-        T = state.num_tokens
-        k = keep_count(keep_rate, T)
-        if k >= T:
-            return state
+        k = keep_count(keep_rate, state.num_tokens)
         state, keep_index = evit_reduce(state, patch_scores(state, cls_attn), k, self.fuse)
         record_extra(state, "keep_index", keep_index)
         return state
@@ -63,7 +61,18 @@ class EViTReducer(StageReducer):
         return f"{super().extra_repr()}, fuse={self.fuse}"
 
 
-@register_method("evit", params=("keep_rate", "locations", "fuse"), families=("vit",))
+# EViT trains 300 epochs with the keep rate at 1 for 10 epochs, then a cosine to rho over 100 epochs
+# ((start, length) fractions of training); its fine-tune keeps rho from the first step (shrink_start_epoch 0,
+# shrink_epochs 0).
+KEEP_SCHEDULE = (10 / 300, 100 / 300)
+RECIPE = Recipe("evit", "EViT fine-tune (BAT paper's 30-epoch recipe): lr 2e-5 x B/512, min 2e-6, wd 1e-6, keep-rate "
+                "cosine 1 -> rho", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
+                keep_schedule=KEEP_SCHEDULE)
+INFO_FIELDS = {"keep_index": "per stage, (B, k) indices of the kept tokens among those entering the stage"}
+
+
+@register_method("evit", params=("keep_rate", "locations", "fuse"), families=("vit",), recipe=RECIPE,
+                 attention_extras=("need_cls_attn",), identity={"keep_rate": 1.0}, info_fields=INFO_FIELDS)
 def apply_evit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                locations: Optional[Sequence[int]] = None, fuse: bool = True) -> nn.Module:
     """EViT: keep the ceil(rho*T) most class-attended tokens at each location, fuse the rest into one token.

@@ -1,4 +1,4 @@
-"""ToMe (Bolya et al., ICLR 2023): bipartite soft matching of tokens in every block (METHODS 6).
+"""ToMe (Bolya et al., ICLR 2023): bipartite soft matching of tokens in every block (docs/methods.md 6).
 
 Between attention and MLP of each block, r tokens are merged: the head-averaged keys, L2-normalised, are split
 by position into A (even positions of the full sequence) and B (odd); each A token's most similar B token is
@@ -9,6 +9,7 @@ attention as an additive bias (B, 1, 1, T).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -16,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..ops import argsort_desc
+from ..recipes import Recipe
 from ..reduction import TokenReducer
 from ..registry import register_method
 from ..tokens import TokenState, remap_patches
-from ._cluster import argsort_desc
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -46,9 +48,10 @@ def parse_r(r: RSpec, depth: int) -> list[int]:
         sched = [int(v) for v in r] + [0] * (depth - len(r))
     else:
         try:
-            sched = [int(r)] * depth
-        except (TypeError, ValueError):
+            value = operator.index(r)  # an integer (not 1.5, not '3')
+        except TypeError:
             raise ConfigError(f"r must be an int, a list of ints or (r, inflection), got {r!r}") from None
+        sched = [value] * depth
     if min(sched) < 0:
         raise ConfigError(f"r must be >= 0 in every block, got {sched}")
     return sched
@@ -122,8 +125,6 @@ def merge_by_size(state: TokenState, group: Tensor, num_groups: int) -> TokenSta
         state.x = out
     prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
     state.sizes = torch.cat([prefix_sizes, new_sizes.unsqueeze(-1)], dim=1)
-    if state.policy is not None:
-        state.policy = state.policy.new_ones(B, P + G)
     state.patch_to_token = remap_patches(state.patch_to_token, group)
     return state
 
@@ -162,7 +163,13 @@ class ToMeReducer(TokenReducer):
         return f"r={self.r!r}, prop_attn={self.prop_attn}"
 
 
-@register_method("tome", params=("r", "prop_attn"), families=("vit",))
+RECIPE = Recipe("tome", "ToMe fine-tune (off the shelf needs no training: use `dynavit eval`): the EViT/BAT fine-tune "
+                "hyperparameters with a fixed r", epochs=30, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0,
+                weight_decay=1e-6)
+
+
+@register_method("tome", params=("r", "prop_attn"), families=("vit",), recipe=RECIPE,
+                 attention_extras=("need_keys", "attn_bias"), identity={"r": 0})
 def apply_tome(model: nn.Module, r: RSpec = 8, prop_attn: bool = True) -> nn.Module:
     """ToMe: merge r tokens per block by bipartite soft matching on the keys (training-free).
 

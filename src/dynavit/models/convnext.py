@@ -1,4 +1,4 @@
-"""ConvNeXt (Liu et al., CVPR 2022), the dense backbone of DynamicCNN (METHODS 3.4).
+"""ConvNeXt (Liu et al., CVPR 2022), the dense backbone of DynamicCNN (docs/dynamic-hierarchical.md).
 
 State-dict keys are the official ones (facebookresearch/ConvNeXt, also what the DynamicViT authors' `AdaConvNeXt`
 saves): `downsample_layers.{0..3}.{0,1}`, `stages.{s}.{j}.{dwconv, norm, pwconv1, pwconv2, gamma}`, `norm`, `head`.

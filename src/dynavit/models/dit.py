@@ -22,10 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..recipes import Recipe
+from ..registry import FamilySpec, register_model_family
 from ..tokens import ReductionInfo, gather_tokens
+from ..viz import mask_tile, new_figure, save_figure, to_uint8_image
 from .pvt_v2 import OverlapPatchEmbed, PvtBlock, PyramidVisionTransformerV2, Size, register_family, to_map, to_tokens
 
-# 10.3 / 11.72: the abstract's DiT-B5 GFLOPs over PVTv2-B5's (METHODS 7); no other DiT variant is published
+# 10.3 / 11.72: the abstract's DiT-B5 GFLOPs over PVTv2-B5's (docs/methods.md section 7); no other DiT variant
+# is published
 DEFAULT_BUDGET = 0.88
 GATE_MODES = ("pvt_v2", "open", "closed", None)
 
@@ -544,6 +548,77 @@ class DiT(PyramidVisionTransformerV2):
         logits = self.pool_logits(state)
         return (logits, info) if return_info else logits
 
+    # ------------------------------------------------------------------ what generic code asks (docs/dit.md 6)
+    def info_lines(self, info: ReductionInfo) -> list:
+        """Lines `dynavit info` prints (the model-family protocol): the routing space's costs next to the budget,
+        the GMACs of image 0's routing and its block runs per stage and stride."""
+        c = self.cost_summary()
+        lines = [f"routing:    full space {c['space']:.4g} GMACs | PVTv2 route (twin) {c['twin']:.4g} | "
+                 f"budget {c['budget']:g} x twin = {c['budgeted']:.4g}",
+                 f"            this model's gates on one random image: {float(info.extra['gmacs'][0]):.4g} GMACs"]
+        st = info.extra["scale_tokens"][0]  # (columns, 4): tokens that ran a block
+        for k in range(4):
+            cols = [j for j, s in enumerate(self.stage_of) if s == k]
+            lines.append(f"            stage {k + 1} ({len(cols)} columns), block runs per stride 4/8/16/32: "
+                         + " / ".join(str(int(v)) for v in st[cols].sum(0)))
+        return lines
+
+    def viz_panels(self, info: ReductionInfo, b: int, image) -> list:
+        """The panels `dynavit viz` draws for image b: blocks run per finest-scale location, as a heat map."""
+        runs = torch.stack([(p2t[b] >= 0).float() for p2t in info.patch_to_token], 0).sum(0)  # (N0,)
+        h, w = scale_sizes((self.img_size, self.img_size))[0]
+        title = f"DiT: blocks run, {float(info.extra['gmacs'][b]):.3f} GMACs"
+        return [(title, "heatmap", (image, runs.view(h, w), len(info.patch_to_token)))]
+
+    def export_blocker(self) -> Optional[str]:
+        """Why `dynavit export` refuses this model (the model-family protocol), or None when every gate is forced."""
+        if len(self.gate_override) < len(self.nodes):
+            return ("DiT routing runs a per-image set of tokens through each block (data-dependent shapes); run it "
+                    "eagerly, or force every gate open / closed (model.force_gates('open')) to export a fixed path")
+        return None
+
+    def routing_rows(self, x: Tensor) -> list:
+        """Per image: (uint8 image, tiles[stride row][stage col], token counts, GMACs, predicted class), the
+        paper's visualisation drawn by `save_viz`."""
+        self.eval()
+        with torch.no_grad():
+            logits, info = self(x, return_info=True)
+        act, sizes = stage_activity(info), info.extra["scale_sizes"]
+        out = []
+        for b in range(x.shape[0]):
+            image = to_uint8_image(x[b])
+            tiles = [[mask_tile(image, act[i][k][b], sizes[i]) for k in range(4)] for i in range(4)]
+            counts = [[int(act[i][k][b].sum()) for k in range(4)] for i in range(4)]
+            out.append((image, tiles, counts, float(info.extra["gmacs"][b]), int(logits[b].argmax())))
+        return out
+
+    def save_viz(self, x: Tensor, path, labels: Optional[Sequence[str]] = None, title: Optional[str] = None):
+        """The figure `dynavit viz` saves for a DiT (the model-family protocol): per image, the input and a 4 x 4
+        grid (rows = strides 4, 8, 16, 32; columns = PVTv2 stages 1-4) of the tokens that ran a block there."""
+        rows = self.routing_rows(x)
+        fig, axes = new_figure(4 * len(rows), 5, (2.0 * 5, 2.0 * 4 * len(rows)))
+        for b, (image, tiles, counts, gmacs, pred) in enumerate(rows):
+            for i in range(4):
+                for col in range(5):
+                    ax = axes[4 * b + i][col]
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if col == 0:
+                        if i == 0:
+                            ax.imshow(image)
+                            name = f" ({labels[b]})" if labels else ""
+                            ax.set_title(f"input{name}\n{gmacs:.4g} GMACs, predicted {pred}", fontsize=7.5)
+                        else:
+                            ax.axis("off")
+                        continue
+                    ax.imshow(tiles[i][col - 1])
+                    ax.set_title(f"{counts[i][col - 1]} tokens", fontsize=6.5)
+                    if i == 0:
+                        ax.set_title(f"stage {col}\n{counts[i][col - 1]} tokens", fontsize=7.5)
+                    if col == 1:
+                        ax.set_ylabel(f"stride {4 * 2 ** i}", fontsize=7.5)
+        return save_figure(fig, path, f"{title} budget {self.budget:g}" if title else None, dpi=100)
+
     def extra_repr(self) -> str:
         forced = sorted({m for m in self.gate_override.values()})
         return (f"budget={self.budget}, window={self.window}, columns={self.columns}, nodes={len(self.nodes)}, "
@@ -566,3 +641,44 @@ def stage_activity(info: ReductionInfo) -> list:
 
 
 register_family("dit", DiT)
+
+
+# ---------------------------------------------------------------------------------------------- the family spec
+def _dit_model_for(name: str) -> str:
+    """`--model` -> the DiT it names: a DiT itself, or the DiT twin of a PVTv2 (pvt_v2_bX -> dit_bX)."""
+    if name.startswith("dit_"):
+        return name
+    if name.startswith("pvt_v2_"):
+        return "dit_" + name[len("pvt_v2_"):]
+    raise ConfigError(f"a DiT SPEC needs a DiT or PVTv2 model (e.g. --model dit_b0 or pvt_v2_b0, compared with its "
+                      f"dense PVTv2 twin), got --model {name!r}")
+
+
+def _dit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = False, **options) -> nn.Module:
+    from ..losses_dit import dit_criterion  # losses_dit imports this module (budget_loss, check_budget)
+
+    return dit_criterion(model, smoothing=smoothing, **options)
+
+
+RECIPE = Recipe("dit", "DiT (docs/dit.md): DeiT schedule, budget loss switched on after 40% of training; lr 1e-2 x "
+                "B/512 is the gates', the backbone's is x 0.05 (DeiT's 5e-4)", epochs=300, lr=1e-2, lr_batch=512,
+                min_lr=1e-5, warmup_epochs=5, weight_decay=0.05, backbone_lr_scale=0.05, head_patterns=("gates.*",),
+                find_unused_parameters=True)
+
+register_model_family(FamilySpec(
+    "dit", params=("budget", "gate_bias", "window", "dense_above"), primary="budget", recipe=RECIPE,
+    criterion=_dit_criterion,
+    doc="DiT: a multi-scale routing grid with per-token gates over a PVTv2 (a model family: `dit:B` builds the "
+        "DiT twin at budget B)",
+    info_fields={"gmacs": "(B,) GMACs each image's routing spent",
+                 "gmacs_twin": "GMACs of the PVTv2 twin (its route through the grid), the budget's denominator",
+                 "gmacs_full": "the same as gmacs_twin (the name older scripts read)",
+                 "gmacs_space": "GMACs of the full routing space (every gate open)",
+                 "executed_gmacs": "GMACs the batch really executed", "budget": "the model's target fraction",
+                 "nodes": "node names s{scale}.c{column}", "alive": "per node, (B, N_s) tokens that reached it",
+                 "ran": "per node, (B, N_s) tokens that ran its block",
+                 "sent": "per node, (B, N_s) tokens sent down to the next scale",
+                 "scale_tokens": "(B, columns, 4) tokens that ran a block, per column and scale",
+                 "scale_sizes": "(h, w) token grid of each scale", "stage_of": "PVTv2 stage of each column"},
+    owns=lambda name: name.startswith("dit_"), model_for=_dit_model_for,
+    dense_for=lambda name: "pvt_v2_" + name[len("dit_"):] if name.startswith("dit_") else name))

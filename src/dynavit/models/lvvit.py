@@ -1,6 +1,6 @@
 """LV-ViT (Jiang et al., "All Tokens Matter: Token Labeling", NeurIPS 2021), as DynamicViT and BAT report on it.
 
-Differences from DeiT (METHODS 1.2): a 3-conv stem before the patch projection, no qkv bias, LayerNorm eps
+Differences from DeiT (docs/methods.md 1.2): a 3-conv stem before the patch projection, no qkv bias, LayerNorm eps
 1e-5, residual branches divided by 2, and an `aux_head` on every patch token whose max over tokens is added
 (x 0.5) to the class-token logits. Keys match the released LV-ViT checkpoints.
 """
@@ -61,9 +61,10 @@ class LVViT(VisionTransformer):
             nn.init.trunc_normal_(self.aux_head.weight, std=0.02)
             nn.init.zeros_(self.aux_head.bias)
 
-    def forward_head(self, tokens: Tensor):
-        """head(x_cls) + aux_weight * max over patch tokens of aux_head(x_patch).
+    def forward_head(self, tokens: Tensor, valid: Optional[Tensor] = None, per_token: bool = False):
+        """head(x_cls) + aux_weight * max over the (valid) patch tokens of aux_head(x_patch).
 
+        valid: (B, T) False for padding tokens (never win the max). per_token: (head(x_cls), aux scores (B, T, K)).
         With `train_cls_head`, a dense model in training returns (head(x_cls), that sum): the classification
         criterion averages the two cross-entropies, so the class head is trained for itself, as LV-ViT's
         token-labeling training does (its aux head gets token labels; without them, the max over tokens).
@@ -72,6 +73,10 @@ class LVViT(VisionTransformer):
         """
         cls_logits = self.head(tokens[:, 0])
         aux_logits = self.aux_head(tokens[:, self.num_prefix_tokens:])  # (B, T, classes)
+        if per_token:
+            return cls_logits, aux_logits
+        if valid is not None:
+            aux_logits = aux_logits.masked_fill(~valid.unsqueeze(-1), float("-inf"))
         logits = cls_logits + self.aux_weight * aux_logits.max(dim=1)[0]
         if self.training and self.train_cls_head and self.reducer is None:
             return cls_logits, logits

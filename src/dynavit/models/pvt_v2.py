@@ -1,5 +1,5 @@
 """PVTv2 (Wang et al. 2022): a four-scale transformer with overlapping patch embeddings, spatial-reduction
-attention and a depth-wise conv in the MLP (METHODS 7). The dense twin of DiT (`dynavit.models.dit`).
+attention and a depth-wise conv in the MLP (docs/methods.md 7). The dense twin of DiT (`dynavit.models.dit`).
 
 State-dict keys are timm's: `patch_embed.{proj,norm}`, `stages.{s}.downsample.{proj,norm}`,
 `stages.{s}.blocks.{j}.{norm1, attn.{q,kv,sr,norm,proj}, norm2, mlp.{fc1,dwconv,fc2}}`, `stages.{s}.norm`, `head`.
@@ -163,7 +163,7 @@ class PyramidVisionTransformerV2(nn.Module):
         self.depths, self.embed_dims = tuple(depths), tuple(embed_dims)
         self.mlp_ratios, self.sr_ratios = tuple(mlp_ratios), tuple(sr_ratios)
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))  # meta-safe
         self.stages = nn.ModuleList(
             PvtStage(embed_dims[max(s - 1, 0)], embed_dims[s], depths[s], num_heads[s], mlp_ratios[s], sr_ratios[s],
                      qkv_bias, dpr[s].tolist(), first=s == 0) for s in range(4))
@@ -288,7 +288,7 @@ def convert_pvt_v2_state_dict(sd: dict) -> dict:
     return out
 
 
-# variant table (METHODS 7): depths, widths, MLP ratios; heads 1, 2, 5, 8 and SR ratios 8, 4, 2, 1 throughout
+# variant table (docs/methods.md 7): depths, widths, MLP ratios; heads 1, 2, 5, 8 and SR ratios 8, 4, 2, 1 throughout
 PVT_V2_ARCHS = {
     "b0": dict(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256), mlp_ratios=(8, 8, 4, 4)),
     "b1": dict(depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4)),

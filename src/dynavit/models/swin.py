@@ -1,4 +1,4 @@
-"""Swin Transformer (Liu et al., ICCV 2021), the dense backbone of DynamicSwin (METHODS 3.4).
+"""Swin Transformer (Liu et al., ICCV 2021), the dense backbone of DynamicSwin (docs/dynamic-hierarchical.md).
 
 State-dict keys are the official ones (microsoft/Swin-Transformer, also the DynamicViT authors' `AdaSwinTransformer`):
 `patch_embed.{proj, norm}`, `layers.{i}.blocks.{j}.{norm1, attn.{qkv, proj, relative_position_bias_table}, norm2,

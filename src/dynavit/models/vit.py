@@ -1,8 +1,8 @@
 """ViT / DeiT (Dosovitskiy et al. 2021; Touvron et al. 2021), with the token-reduction hook.
 
-State-dict keys are timm's, so official DeiT checkpoints load unchanged (METHODS 1.1). The model runs dense
-unless a `TokenReducer` is attached (`dynavit.create_model(name, method=...)`), which then acts before blocks
-and between attention and MLP (see `dynavit.reduction`).
+State-dict keys are timm's, so official DeiT checkpoints load unchanged (docs/methods.md 1.1). The model runs
+dense unless a `TokenReducer` is attached (`dynavit.create_model(name, method=...)`), which then acts before
+blocks and between attention and MLP (see `dynavit.reduction`).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class VisionTransformer(nn.Module):
                 continue
             state = reducer.before_block(self, i, state)
             attn_kwargs = reducer.attention_args(i, state)
-            state.x, cls_attn, keys = blk.attn_residual(state.x, policy=state.policy, **attn_kwargs)
+            state.x, cls_attn, keys = blk.attn_residual(state.x, **attn_kwargs)
             state = reducer.after_attention(self, i, state, cls_attn, keys)
             state.x = blk.mlp_residual(state.x)
         state.x = self.norm(state.x)
@@ -110,7 +110,15 @@ class VisionTransformer(nn.Module):
         """Final-norm tokens (B, P+T, C); T = N for the dense model."""
         return self.forward_state(x).x
 
-    def forward_head(self, tokens: Tensor) -> Tensor:
+    def forward_head(self, tokens: Tensor, valid: Optional[Tensor] = None, per_token: bool = False):
+        """Logits from final-norm tokens (B, P+T, C) (timm's name; the one place the head is computed).
+
+        The class token's head (distilled DeiT: the mean of both heads, or the pair while training with
+        `distilled_training`). valid: (B, T) False for padding tokens, for heads that read the patch tokens.
+        per_token: return (class-token logits, per-token logits (B, T, K) or None for a head without them).
+        """
+        if per_token:
+            return self.forward_head(tokens), None
         if self.head_dist is None:
             return self.head(tokens[:, 0])
         cls_logits, dist_logits = self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])

@@ -1,8 +1,9 @@
-"""Training and evaluation: the engine behind `dynavit train` / `dynavit eval`, the papers' recipes, DDP."""
+"""Training and evaluation: the engine behind `dynavit train` / `dynavit eval`, criteria, DDP (recipes:
+`dynavit.recipes`)."""
+from ..recipes import Recipe, get_recipe
 from .criterion import ClassificationCriterion, build_criterion
 from .engine import TrainConfig, Trainer
 from .evaluate import evaluate
-from .recipes import RECIPES, Recipe, get_recipe
 
-__all__ = ["Trainer", "TrainConfig", "evaluate", "build_criterion", "ClassificationCriterion", "RECIPES", "Recipe",
+__all__ = ["Trainer", "TrainConfig", "evaluate", "build_criterion", "ClassificationCriterion", "Recipe",
            "get_recipe"]

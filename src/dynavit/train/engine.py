@@ -10,17 +10,24 @@ as one process with batch W*B (up to float summation order).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import logging
 import math
 import os
+import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from ..checkpoint import save_checkpoint
 from ..data import make_loader
 from ..data.transforms import AugmentConfig, TrainAugment
 from ..errors import ConfigError, TrainingError
@@ -30,6 +37,8 @@ from .optim import WARMUP_STYLES, ModelEma, cosine_lr, keep_rate_at, param_group
 from .state import (RunLock, append_jsonl, latest_checkpoint, load_run_checkpoint, rng_state, save_run_checkpoint,
                     set_rng_state)
 
+
+log = logging.getLogger("dynavit")
 
 @dataclass
 class TrainConfig:
@@ -58,7 +67,7 @@ class TrainConfig:
     img_size: int = 224
     num_classes: int = 1000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    keep_rate: Optional[float] = None  # target keep rate of a keep-rate schedule (EViT / BAT)
+    keep_rate: Optional[float] = None  # target keep rate of a keep-rate schedule
     keep_schedule: Optional[tuple] = None  # (start, length) as fractions of training
     workers: Optional[int] = None
     save_every: int = 0  # also checkpoint every N optimiser steps (0: epoch ends only)
@@ -88,10 +97,6 @@ def resolve_amp(amp: str, device: torch.device):
     return torch.float16
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class Trainer:
     """One run: `Trainer(model, criterion, train_set, val_set, cfg, info).fit() -> summary dict`."""
 
@@ -105,7 +110,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.model = model.to(self.device)
         self.criterion = criterion.to(self.device)
-        self.needs_info = getattr(criterion, "needs_info", False)  # DiT's budget loss reads the routed cost
+        self.needs_info = getattr(criterion, "needs_info", False)  # e.g. a budget loss reads the routed cost
         self.groups = param_groups(self.model, cfg.weight_decay, cfg.head_patterns, cfg.backbone_lr_scale,
                                    cfg.frozen_patterns)
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in self.groups],
@@ -185,7 +190,7 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             if self.info.main:
-                print(f"--resume: no checkpoint in {self.run_dir}, starting from step 0")
+                log.info(f"--resume: no checkpoint in {self.run_dir}, starting from step 0")
             return
         model_sd, ema_sd, state = load_run_checkpoint(path)
         old_total = state.get("total_steps")
@@ -218,10 +223,10 @@ class Trainer:
         if state["world"] == self.info.world:
             set_rng_state(state["rng"][self.info.rank])
         elif self.info.main:
-            print(f"note: resuming a {state['world']}-process run on {self.info.world}: RNG streams restart")
+            warnings.warn(f"resuming a {state['world']}-process run on {self.info.world}: RNG streams restart")
         if self.info.main:
             self._truncate_log()
-            print(f"resumed from {path} (step {self.step}, epoch {self.epoch})")
+            log.info(f"resumed from {path} (step {self.step}, epoch {self.epoch})")
 
     def _truncate_log(self) -> None:
         log = self.run_dir / "log.jsonl"
@@ -355,10 +360,6 @@ class Trainer:
         cfg, info = self.cfg, self.info
         seed = cfg.seed + info.rank
         torch.manual_seed(seed)
-        import random
-
-        import numpy as np
-
         np.random.seed(seed % 2**32)
         random.seed(seed)
         if cfg.resume:
@@ -369,11 +370,9 @@ class Trainer:
 
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:
-                print("note: --tensorboard needs the tensorboard package; logging to log.jsonl only")
+                warnings.warn("--tensorboard needs the tensorboard package; logging to log.jsonl only")
         bar = None
         if info.main:
-            from tqdm import tqdm
-
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", mininterval=1.0, dynamic_ncols=True)
         t_start, window_t, window_imgs, train_imgs, train_time = time.perf_counter(), time.perf_counter(), 0, 0, 0.0
         last_val = None
@@ -423,8 +422,6 @@ class Trainer:
         return self._finish(last_val, train_imgs / max(train_time, 1e-9), time.perf_counter() - t_start)
 
     def _finish(self, last_val: Optional[dict], train_rate: float, seconds: float) -> dict:
-        from ..checkpoint import save_checkpoint
-
         cfg, info = self.cfg, self.info
         if self.val_loader is not None and (last_val is None or self.batch_in_epoch != 0):
             last_val = evaluate(self.model, self.val_loader, self.device, cfg.img_size, self.amp_dtype, info)
@@ -487,8 +484,6 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def _ema_copy(model: nn.Module, ema: ModelEma) -> nn.Module:
-    import copy
-
     m = copy.deepcopy(model)
     m.load_state_dict(ema.state_dict())
     return m

@@ -7,8 +7,11 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..data.transforms import eval_batch
+from ..flops import count_gmacs
+from ..timing import throughput as timed_throughput
 from .dist import DistInfo, all_sum
 
 
@@ -33,8 +36,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, img_size: int, amp_
     t0 = time.perf_counter()
     batches = loader
     if progress and info.main:
-        from tqdm import tqdm
-
         batches = tqdm(loader, desc="eval", leave=False, mininterval=1.0)
     try:
         for images, labels, n_skipped in batches:
@@ -61,34 +62,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, img_size: int, amp_
             "images": int(count), "skipped": int(skipped), "seconds": time.perf_counter() - t0}
 
 
-@torch.no_grad()
 def throughput(model: nn.Module, device: torch.device, img_size: int, batch_size: int = 32, repeats: int = 3,
                amp_dtype=None) -> float:
     """Inference images / second: eval mode, fixed random batch, one warm-up, median of `repeats` timed runs."""
-    was_training = model.training
-    model.eval()
     x = torch.randn(batch_size, getattr(model, "in_chans", 3), img_size, img_size, device=device)
-    times = []
-    try:
-        with torch.inference_mode(), autocast(device, amp_dtype):
-            for i in range(repeats + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                model(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i:
-                    times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    return batch_size / sorted(times)[len(times) // 2]
+    amp = autocast(device, amp_dtype) if amp_dtype is not None else None
+    return timed_throughput(model, x, repeats, amp)
 
 
 def model_numbers(model: nn.Module, img_size: int) -> dict:
     """GMACs per image (eval-mode, counted) and parameter count, on a CPU copy-free pass."""
-    from ..flops import count_gmacs
-
     params = sum(p.numel() for p in model.parameters())
     try:
         device = next(model.parameters()).device

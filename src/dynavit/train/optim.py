@@ -10,7 +10,7 @@ import math
 from typing import Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -22,9 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float, head_patterns=(), backbo
     """AdamW groups: no weight decay for 1-d tensors, biases and tokens (timm); backbone vs head lr scale.
 
     Args:
-        head_patterns: glob patterns of parameters trained at the full lr (DynamicViT: 'score_predictor.*');
+        head_patterns: glob patterns of parameters trained at the full lr (e.g. a method's predictors);
             with backbone_lr_scale != 1 every other parameter is 'backbone' and gets lr x backbone_lr_scale.
-        frozen_patterns: parameters never trained (DynamicViT: 'cls_token', 'pos_embed'): requires_grad=False.
+        frozen_patterns: parameters never trained (e.g. 'cls_token', 'pos_embed'): requires_grad=False.
     """
     groups = {}
     for name, p in model.named_parameters():
@@ -63,7 +63,7 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, minimum: floa
 
 
 def keep_rate_at(step: int, target: float, start: int, length: int) -> float:
-    """EViT / BAT keep-rate schedule: 1 until `start`, then target + (1 - target)(cos(pi t / T) + 1) / 2."""
+    """Keep-rate schedule (docs/methods.md 4): 1 until `start`, then target + (1 - target)(cos(pi t / T) + 1) / 2."""
     if step < start:
         return 1.0
     if length <= 0 or step >= start + length:
@@ -93,9 +93,3 @@ class ModelEma:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             self.state[k].copy_(v)
-
-
-def grad_norm(params: Iterable[Tensor]) -> Tensor:
-    """Global L2 norm of the gradients (inf / nan propagate)."""
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import read_checkpoint, save_checkpoint
 from ..errors import CheckpointError, TrainingError
 
 CKPT_DIR = "checkpoints"
@@ -114,8 +114,6 @@ def save_run_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: 
 
 def load_run_checkpoint(path: Path) -> tuple:
     """(model state, ema state or None, train state) of a checkpoint folder, all loaded safely."""
-    from ..checkpoint import read_checkpoint
-
     path = Path(path)
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
