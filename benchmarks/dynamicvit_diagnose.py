@@ -20,8 +20,8 @@ import dynavit
 from dynavit.checkpoint import load_checkpoint
 from dynavit.data.demo import DemoDataset
 from dynavit.data.transforms import eval_batch
-from dynavit.losses import DynamicViTLoss, dynamicvit_loss, teacher_outputs
 from dynavit.methods import dynamicvit as dynamicvit_module
+from dynavit.methods.dynamicvit import DynamicViTLoss, dynamicvit_loss, teacher_outputs
 
 WEIGHTS = {"cls": 1.0, "ratio": 2.0 / 3, "kl": 0.5, "token": 0.5}  # the authors' LV-ViT weights (ratio / S)
 
