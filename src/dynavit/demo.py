@@ -274,7 +274,8 @@ def run(cfg: DemoConfig) -> dict:
 
 @torch.no_grad()
 def diversity_curves(cfg: DemoConfig, images: Tensor, keep_rates=(1.0, 0.9, 0.7, 0.5, 0.3)) -> dict:
-    """{method: [[keep_rate, mean diversity of the final tokens], ...]} for EViT and BAT on the shipped weights."""
+    """{method: [[keep_rate, mean diversity of the final tokens], ...]} for EViT and BAT applied to the dense
+    `demo_vit` weights (no fine-tune, so every keep rate is measured on the same network)."""
     from .metrics import diversity_score
 
     x = eval_batch(images, images.shape[-1])
@@ -317,7 +318,7 @@ def draw(cfg: DemoConfig, out: Path, rows: list, models: dict, dit, images: Tens
     paths.append(save_grid(grid_rows, out / "tokens.png", col_titles=col_titles,
                            title="kept (faded = pruned), merged (one colour per group) and routed tokens"))
     paths.append(plot_diversity(diversity, out / "diversity.png",
-                                title="token diversity (BAT Eq. 4) of the final tokens, shipped weights"))
+                                title="token diversity (BAT Eq. 4) of the final tokens, dense demo_vit weights"))
     return paths
 
 
