@@ -20,16 +20,15 @@ import dynavit
 from dynavit.checkpoint import load_checkpoint
 from dynavit.data.demo import DemoDataset
 from dynavit.data.transforms import eval_batch
-from dynavit.methods import dynamicvit as dynamicvit_module
+from dynavit.demo import val_images
 from dynavit.methods.dynamicvit import DynamicViTLoss, dynamicvit_loss, teacher_outputs
 
 WEIGHTS = {"cls": 1.0, "ratio": 2.0 / 3, "kl": 0.5, "token": 0.5}  # the authors' LV-ViT weights (ratio / S)
 
 
-def batch(split: str, n: int):
-    ds = DemoDataset(split, n=n, size=112)
-    x = eval_batch(torch.stack([ds[i][0] for i in range(n)]), 112)
-    return x, torch.tensor([ds[i][1] for i in range(n)])
+def train_batch(n: int):
+    ds = DemoDataset("train", n=n, size=112)
+    return eval_batch(torch.stack([ds[i][0] for i in range(n)]), 112), torch.tensor([ds[i][1] for i in range(n)])
 
 
 def confident_tokens(teacher_scores: torch.Tensor, y: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -38,36 +37,22 @@ def confident_tokens(teacher_scores: torch.Tensor, y: torch.Tensor, k: int = 10)
     return torch.zeros_like(conf, dtype=torch.bool).scatter(1, conf.topk(k, dim=1).indices, True)
 
 
-def capture_keep_logp(model, x):
-    """Training-mode forward that also returns each stage's predictor log-probabilities (B, N, 2)."""
-    seen, sample = [], dynamicvit_module.sample_decisions
-
-    def recording(logp, prev):
-        seen.append(logp)
-        return sample(logp, prev)
-
-    dynamicvit_module.sample_decisions = recording
-    try:
-        out = model(x)
-    finally:
-        dynamicvit_module.sample_decisions = sample
-    return out, seen
-
-
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--keep-rate", type=float, default=0.7)
     ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--train-images", type=int, default=64, help="images for the gradient check")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     model = dynavit.create_model("demo_vit", method="dynamicvit", keep_rate=args.keep_rate)
     report = load_checkpoint(model, args.checkpoint, strict=False)
     fresh = [k for k in report.missing if k.startswith("score_predictor")]
     print(f"{args.checkpoint}: keep rate {args.keep_rate}" + (" (fresh predictors)" if fresh else ""))
     criterion = DynamicViTLoss.for_model(model, token_loss="kl")
-    x, y = batch("val", args.images)
+    images, y = val_images(args.images, 112)
+    x = eval_batch(images, 112)
     top1 = lambda z: 100 * (z.argmax(1) == y).float().mean().item()  # noqa: E731
     model.eval()
     with torch.no_grad():
@@ -78,12 +63,11 @@ def main() -> None:
         _, t_scores = teacher_outputs(criterion.teacher, x)
         digit = confident_tokens(t_scores, y)
         model.train()
-        out, logps = capture_keep_logp(model, x)
-    for s, (d, r, lp) in enumerate(zip(out.decisions, model.reducer.keep_ratios, logps)):
-        keep = lp[..., 0]
+        out, info = model(x, return_info=True)  # info.extra["keep_logp"]: (B, N) per stage
+    for s, (d, r, keep) in enumerate(zip(out.decisions, model.reducer.keep_ratios, info.extra["keep_logp"])):
         print(f"stage {s}: training keep {d.float().mean():.3f} (target {r:.3f}); keep log-prob digit "
               f"{keep[digit].mean():.3f}, rest {keep[~digit].mean():.3f}")
-    xt, yt = batch("train", 64)
+    xt, yt = train_batch(args.train_images)
     t_logits, t_tokens = teacher_outputs(criterion.teacher, xt)
     digit = confident_tokens(t_tokens, yt)
     for term, weight in WEIGHTS.items():

@@ -1,4 +1,5 @@
-"""Shared test helpers: the authors' reference fixtures (../shared/fixtures/reference-v1) and tiny models."""
+"""Shared test helpers: the authors' reference fixtures (../shared/fixtures/reference-v1 and tpami-v1), tiny
+models, a noiseless Gumbel-softmax."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# beside the repository, or where DYNAVIT_FIXTURES says (a git worktree elsewhere)
-FIXTURES = Path(os.environ.get("DYNAVIT_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference-v1"))
+# the fixtures folder beside the repository, or where DYNAVIT_FIXTURES says (a git worktree elsewhere)
+FIXTURES_ROOT = Path(os.environ.get("DYNAVIT_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = FIXTURES_ROOT / "reference-v1"  # DynamicViT, EViT, ToMe, BAT: the authors' code's outputs
+TPAMI = FIXTURES_ROOT / "tpami-v1"  # DynamicCNN / DynamicSwin
 
 torch.set_num_threads(1)  # the whole session: tiny models, a shared CPU (no test module sets it itself)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield
+    torch.set_num_threads(1)  # a test that changed it (a bench with --threads) leaves the next at one thread
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +29,25 @@ def _seed():
     torch.manual_seed(0)
 
 
-def fixture_path(name: str) -> Path:
-    path = FIXTURES / name
+def fixture_path(name: str, folder: Path = FIXTURES) -> Path:
+    path = folder / name
     if not path.exists():
-        pytest.skip(f"reference fixtures not found at {FIXTURES} (shared/ must sit beside the repository)")
+        pytest.skip(f"reference fixtures not found at {folder} (shared/ must sit beside the repository, or set "
+                    f"DYNAVIT_FIXTURES to the fixtures folder)")
     return path
+
+
+def straight_through_argmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
+    """Noiseless stand-in for F.gumbel_softmax(hard=True): hard argmax forward, softmax gradient."""
+    soft = logits.softmax(dim)
+    hard_y = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
+    return hard_y - soft.detach() + soft
+
+
+@pytest.fixture
+def noiseless(monkeypatch):
+    """Gumbel-softmax decisions without the noise (DynamicViT-family training made deterministic)."""
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", straight_through_argmax)
 
 
 @pytest.fixture(scope="session")

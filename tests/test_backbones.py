@@ -214,13 +214,17 @@ def test_dense_gmacs_match_published_and_analytic():
     assert abs(gmacs - analytic) / analytic < 0.01
 
 
-@pytest.mark.parametrize("name,kw,size", [("tiny_vit", {}, 224), ("pvt_v2_tiny", {}, 64),
-                                          ("convnext", dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32]), 64),
-                                          ("swin", dict(embed_dim=12, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                                        img_size=224), 224)])
-def test_every_backbone_gives_the_same_clear_input_errors(name, kw, size):
-    """One shared check (errors.check_image_batch) before each family's own size rule."""
+@pytest.mark.parametrize("name,kw,size,bad_size,size_error", [
+    ("tiny_vit", {}, 224, 192, "this model takes 224x224 images, got 192x192; .* img_size=192 .*resamples pos_embed"),
+    ("pvt_v2_tiny", {}, 64, 16, "PVTv2 needs images of at least 32x32, got 16x16"),
+    ("convnext", dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32]), 64, 16, "ConvNeXt needs images of at least 32x32"),
+    ("swin", dict(embed_dim=12, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], img_size=224), 224, 192,
+     r"Swin model takes 224x224 images \(its window masks .*\), got 192x192")])
+def test_every_backbone_gives_the_same_clear_input_errors(name, kw, size, bad_size, size_error):
+    """One shared check (errors.check_image_batch), with each family's size rule as its arguments."""
     model = dynavit.create_model(name, num_classes=10, **kw).eval()
+    with pytest.raises(InputError, match=size_error):
+        model(torch.randn(1, 3, bad_size, bad_size))
     with pytest.raises(InputError, match="3 channels, got 1"):
         model(torch.randn(1, 1, size, size))
     with pytest.raises(InputError, match="floating-point"):

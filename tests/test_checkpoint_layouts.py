@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynavit
-from dynavit.checkpoint import load_checkpoint, load_state_dict
+from dynavit.checkpoint import load_checkpoint, load_state_dict, rename_key
 from dynavit.errors import CheckpointError
 
 torch.set_num_threads(1)
@@ -170,3 +170,10 @@ def test_other_unsafe_pickle_keeps_generic_refusal(tmp_path):
     torch.save({"x": Odd(), "w": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="beyond plain tensors"):
         load_checkpoint(dynavit.create_model("tiny_vit"), path)
+
+
+def test_rename_key_first_rule_or_every_rule():
+    rules = [(r"^a\.", "b."), (r"^b\.", "c."), (r"\.x$", ".y")]
+    assert rename_key("a.x", rules) == "b.x"  # the first matching rule only (exclusive prefixes)
+    assert rename_key("z.x", rules) == "z.x"  # rules match at the start of the key
+    assert rename_key("a.x", rules, first_only=False) == "c.y"  # every rule in turn (chained renames)

@@ -1,6 +1,7 @@
 """The main job: shipped demo models, the pictures, `dynavit viz`, the claims logic and a `demo --quick` smoke run."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -15,6 +16,8 @@ from dynavit.data.transforms import eval_batch
 from dynavit.demo import CLAIM_NAMES, check_claims, evaluate, tome_r_matching
 from dynavit.errors import UnknownNameError
 from dynavit.viz import token_overlay
+
+from conftest import REPO
 
 
 def _dit_asset_fits() -> bool:
@@ -239,3 +242,17 @@ def test_demo_runs_twice_in_one_folder(tmp_path, capsys):
     assert main(argv) == 0
     assert "replacing the previous demo's run" in capsys.readouterr().out
     assert (tmp_path / "runs" / "dynamicvit_0.7" / "model.safetensors").exists()
+
+
+def test_dynamicvit_diagnose_reports_every_stage_and_loss_term(capsys):
+    """benchmarks/dynamicvit_diagnose.py (docs/demo.md's DynamicViT tables) still runs on the package it reads."""
+    spec = importlib.util.spec_from_file_location("dynamicvit_diagnose", REPO / "benchmarks" / "dynamicvit_diagnose.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    diagnose.main([str(asset_path("demo_vit")), "--keep-rate", "0.7", "--images", "4", "--train-images", "4"])
+    out = capsys.readouterr().out
+    assert "(fresh predictors)" in out and re.search(r"pruned top-1: combined [\d.]+%", out)
+    for s, target in enumerate((0.7, 0.49, 0.343)):
+        assert re.search(rf"stage {s}: training keep [\d.]+ \(target {target:.3f}\); keep log-prob digit -?[\d.]+", out)
+    for term in ("cls", "ratio", "kl", "token"):
+        assert re.search(rf"dL/dD {term}\s+\([\d.]+\): s0 digit [-+]", out)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +11,7 @@ from dynavit.errors import ConfigError, InputError
 from dynavit.methods.dynamic_hier import (DynamicHierLoss, default_hier_locations, dynamic_hier_criterion,
                                           dynamic_hier_loss, hier_ratios, make_dense_teacher)
 
-from conftest import REPO
-
-# ../shared/fixtures beside the repository (CI), or DYNAVIT_FIXTURES=/path/to/fixtures (e.g. from a git worktree)
-TPAMI = Path(os.environ.get("DYNAVIT_FIXTURES", REPO.parent / "shared" / "fixtures")) / "tpami-v1"
+from conftest import TPAMI, fixture_path
 
 # the fixture's narrow ConvNeXt-T / Swin-T layouts (meta.json), 10 classes
 CNN_CFG = dict(depths=[3, 3, 9, 3], dims=[16, 32, 64, 128], num_classes=10)
@@ -31,10 +26,7 @@ TINY = {"cnn": ("convnext", "dynamiccnn", dict(depths=[1, 1, 4, 1], dims=[8, 16,
 
 
 def tpami(name: str):
-    path = TPAMI / name
-    if not path.exists():
-        pytest.skip(f"TPAMI reference fixtures not found at {TPAMI} (shared/ must sit beside the repository)")
-    return path
+    return fixture_path(name, TPAMI)
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +47,6 @@ def load(kind: str, dense: bool = False, **kw):
     model = dynavit.create_model(name, method=None if dense else method, **{**cfg, **kw}).eval()
     dynavit.load_checkpoint(model, tpami(f"{weights}.safetensors"))  # strict: the authors' keys
     return model
-
-
-def straight_through_argmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
-    """Noiseless stand-in for F.gumbel_softmax(hard=True): hard argmax forward, softmax gradient."""
-    soft = logits.softmax(dim)
-    hard_y = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
-    return hard_y - soft.detach() + soft
-
-
-@pytest.fixture
-def noiseless(monkeypatch):
-    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", straight_through_argmax)
 
 
 def tiny(kind: str, method: bool = True, **kw):

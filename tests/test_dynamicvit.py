@@ -23,18 +23,6 @@ def load(kind: str = "deit", **kw):
     return model
 
 
-def straight_through_argmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
-    """Noiseless stand-in for F.gumbel_softmax(hard=True): hard argmax forward, softmax gradient."""
-    soft = logits.softmax(dim)
-    hard_y = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
-    return hard_y - soft.detach() + soft
-
-
-@pytest.fixture
-def noiseless(monkeypatch):
-    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", straight_through_argmax)
-
-
 def kept_sets(p2t):
     return [set((row >= 0).nonzero().flatten().tolist()) for row in p2t]
 

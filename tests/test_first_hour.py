@@ -20,14 +20,6 @@ from dynavit.train.optim import cosine_lr
 from test_data import make_image_folder
 from test_train import TINY, train_args
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"), n_train=8, n_val=3, corrupt=True)

@@ -23,24 +23,10 @@ from dynavit.data.transforms import AugmentConfig, TrainAugment
 from dynavit.train.criterion import build_criterion
 
 from conftest import DEIT_CFG, fixture_path
-from test_dynamicvit import straight_through_argmax
 
 STEPS, WARMUP, FIX = 8, 5, 5  # one image per epoch: steps = epochs
 LR_ARG = 4.0  # --lr at the recipe's reference batch 1024: the peak lr is 4 / 1024 at batch 1
 MIN_LR = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def noiseless(monkeypatch):
-    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", straight_through_argmax)
 
 
 @pytest.fixture(scope="module")

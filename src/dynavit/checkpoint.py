@@ -170,6 +170,17 @@ def unwrap_state_dict(obj: Mapping) -> dict:
     return tensors
 
 
+def rename_key(key: str, rules, first_only: bool = True) -> str:
+    """Rename a state-dict key by (regex, replacement) rules: the first rule that matches at the start of the key
+    (`first_only`, for tables of exclusive prefixes), or every rule in turn (for chained renames)."""
+    for pattern, repl in rules:
+        if not first_only:
+            key = re.sub(pattern, repl, key)
+        elif re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return key
+
+
 _HF_RULES = [  # (pattern, replacement), applied after the 'vit.' / 'deit.' prefix is removed
     (r"^embeddings\.cls_token$", "cls_token"),
     (r"^embeddings\.distillation_token$", "dist_token"),
@@ -208,11 +219,7 @@ def convert_hf_vit(sd: dict) -> dict:
             layer, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), _HF_QKV_PART[m.group(4)])
             qkv.setdefault((layer, m.group(5)), {})[part] = value
             continue
-        for pattern, repl in _HF_RULES:
-            if re.match(pattern, k):
-                k = re.sub(pattern, repl, k)
-                break
-        out[k] = value
+        out[rename_key(k, _HF_RULES)] = value
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise CheckpointError(f"Hugging Face checkpoint layer {layer}: incomplete q/k/v {kind} ({sorted(parts)})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Optional
 
 import torch
 
@@ -72,9 +73,10 @@ def check_keep_rate(keep_rate, name: str = "keep_rate") -> float:
     return value
 
 
-def check_image_batch(x, in_chans: int) -> None:
-    """Raise InputError unless `x` is a floating-point (B, in_chans, H, W) tensor (every backbone's first check;
-    each model adds its own size rule)."""
+def check_image_batch(x, in_chans: int, size: Optional[int] = None, min_size: Optional[int] = None,
+                      model: str = "this model", why: str = "", fix: str = "") -> None:
+    """Raise InputError unless `x` is a floating-point (B, in_chans, H, W) tensor whose size fits the model's rule:
+    exactly `size` x `size` (`why` says what fixes it there, `fix` what else to do), or at least `min_size`."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"expected an image tensor (B, {in_chans}, H, W), got {type(x).__name__}")
     if not x.is_floating_point():
@@ -84,3 +86,9 @@ def check_image_batch(x, in_chans: int) -> None:
         raise InputError(f"expected a 4-d image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
         raise InputError(f"expected {in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    h, w = x.shape[2], x.shape[3]
+    if size is not None and (h, w) != (size, size):
+        raise InputError(f"{model} takes {size}x{size} images{why}, got {h}x{w}; resize the input, or build the "
+                         f"model with img_size={h}{fix}")
+    if min_size is not None and (h < min_size or w < min_size):
+        raise InputError(f"{model} needs images of at least {min_size}x{min_size}, got {h}x{w}")

@@ -32,6 +32,25 @@ class MapContext:
     aux: dict = field(default_factory=dict)
 
 
+class HierarchicalModel(nn.Module):
+    """What ConvNeXt and Swin share around a MapReducer: `forward` runs `forward_features(x, ctx)` (the reducer
+    takes its stage there), `forward_head`, then the reducer's `finalize`."""
+
+    reducer: Optional["MapReducer"] = None
+
+    def forward(self, x: Tensor, return_info: bool = False):
+        """Logits (B, classes); with return_info, (logits, ReductionInfo)."""
+        ctx = MapContext(info=ReductionInfo() if return_info else None)
+        features = self.forward_features(x, ctx)
+        out = self.forward_head(features)
+        if self.reducer is not None:
+            out = self.reducer.finalize(self, ctx, out, features)
+        return (out, ctx.info) if return_info else out
+
+    def extra_repr(self) -> str:
+        return f"reducer={self.reducer!r}" if self.reducer is not None else ""
+
+
 class MapReducer(TokenReducer):
     """Base class of the methods for hierarchical backbones: they replace one stage's forward."""
 

@@ -29,6 +29,19 @@ def patch_grid(img_size: int, patch_size: int) -> tuple:
     return (int(img_size) // int(patch_size),) * 2
 
 
+def init_trunc_normal(m: nn.Module, convs: bool = False) -> None:
+    """timm's ViT init of one module: Linear (and, with `convs`, Conv2d) weights ~ N(0, 0.02) truncated, biases 0;
+    LayerNorm weight 1, bias 0. Apply it in the model's own traversal order (`model.apply` or `model.modules()`):
+    the order decides which random numbers each weight draws."""
+    if isinstance(m, nn.Linear) or (convs and isinstance(m, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class PatchEmbed(nn.Module):
     """Image (B, 3, H, W) -> patch tokens (B, N, C) by a strided convolution (ViT / DeiT)."""
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keep_rate
 from ..hier import MapContext, MapReducer
+from ..layers import init_trunc_normal
 from ..losses import classification_loss, logit_distillation
 from ..recipes import Recipe
 from ..registry import register_method
@@ -103,12 +104,6 @@ class FastMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc1(x)
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -329,14 +324,14 @@ def _attach(model: nn.Module, reducer: DynamicHier, conv: bool, dim: int, fast_f
 def _convnext_fast(blk: nn.Module, layer_scale_init_value: float = 1e-6) -> None:
     dim = blk.dwconv.in_channels
     blk.fast_path = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim))
-    blk.fast_path.apply(_init_linear)
+    blk.fast_path.apply(init_trunc_normal)
     gamma = blk.gamma is not None  # layer scale on the fast path exactly when the block has one (the authors')
     blk.fast_path_gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value)) if gamma else None
 
 
 def _swin_fast(blk: nn.Module) -> None:
     blk.fastmlp = FastMlp(blk.dim)
-    blk.fastmlp.apply(_init_linear)
+    blk.fastmlp.apply(init_trunc_normal)
 
 
 # ---------------------------------------------------------------------------------------------- registration

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keep_rate
+from ..layers import init_trunc_normal
 from ..losses import classification_loss, logit_distillation
 from ..recipes import Recipe
 from ..reduction import TokenReducer
@@ -56,9 +57,7 @@ class ScorePredictor(nn.Module):
         self.out_conv = nn.Sequential(lin(dim, dim // 2), nn.GELU(), lin(dim // 2, dim // 4), nn.GELU(),
                                       lin(dim // 4, 2), nn.LogSoftmax(dim=-1))
         for m in self.modules():  # the authors' init (timm's ViT init)
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+            init_trunc_normal(m, convs=True)
 
     @staticmethod
     def _w(m: nn.Module) -> Tensor:

@@ -11,17 +11,18 @@ DynamicCNN's loss are `norm` applied to every position of the last map instead (
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, check_image_batch
-from ..hier import MapContext
-from ..layers import DropPath
+from ..checkpoint import rename_key
+from ..errors import ConfigError, check_image_batch
+from ..hier import HierarchicalModel, MapContext
+from ..layers import DropPath, init_trunc_normal
 from ..registry import register_model
-from ..tokens import ReductionInfo
 
 
 def _linspace(end: float, n: int) -> list:
@@ -81,17 +82,14 @@ def convert_timm_convnext(sd: dict) -> dict:
     """timm ConvNeXt keys -> the official ones (the inverse of timm's `checkpoint_filter_fn`)."""
     out = {}
     for key, value in sd.items():
-        for pattern, repl in _TIMM_RULES:
-            if re.match(pattern, key):
-                key = re.sub(pattern, repl, key)
-                break
+        key = rename_key(key, _TIMM_RULES)
         if re.search(r"\.pwconv\d\.weight$", key) and value.ndim == 4:  # timm's conv_mlp: 1x1 convs
             value = value.flatten(1)
         out[key] = value
     return out
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(HierarchicalModel):
     """ConvNeXt classifier: stem 4x4/4, four stages of ConvNeXt blocks with 2x2/2 downsampling between them.
 
     Args:
@@ -128,17 +126,11 @@ class ConvNeXt(nn.Module):
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.reducer = None
-        self.apply(self._init_weights)
+        self.apply(partial(init_trunc_normal, convs=True))
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
 
     def checkpoint_filter(self, sd: dict) -> dict:
         """Convert timm's key layout to the official one (used by `load_checkpoint`)."""
@@ -147,9 +139,7 @@ class ConvNeXt(nn.Module):
         return sd
 
     def check_input(self, x: Tensor) -> None:
-        check_image_batch(x, self.in_chans)
-        if x.shape[2] < 32 or x.shape[3] < 32:
-            raise InputError(f"ConvNeXt needs images of at least 32x32, got {x.shape[2]}x{x.shape[3]}")
+        check_image_batch(x, self.in_chans, min_size=32, model="ConvNeXt")
 
     def stage_blocks(self, s: int) -> nn.Module:
         return self.stages[s]
@@ -178,18 +168,6 @@ class ConvNeXt(nn.Module):
     def final_featmap(self, x: Tensor) -> Tensor:
         """(B, C, h, w) map -> per-position final norm, channels-last (B, h, w, C) (DynamicCNN's token targets)."""
         return self.norm(x.permute(0, 2, 3, 1))
-
-    def forward(self, x: Tensor, return_info: bool = False):
-        """Logits (B, classes); with return_info, (logits, ReductionInfo)."""
-        ctx = MapContext(info=ReductionInfo() if return_info else None)
-        features = self.forward_features(x, ctx)
-        out = self.forward_head(features)
-        if self.reducer is not None:
-            out = self.reducer.finalize(self, ctx, out, features)
-        return (out, ctx.info) if return_info else out
-
-    def extra_repr(self) -> str:
-        return f"reducer={self.reducer!r}" if self.reducer is not None else ""
 
 
 CONVNEXT_ARCHS = {

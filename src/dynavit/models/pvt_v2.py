@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError, InputError, check_image_batch
-from ..layers import DropPath
+from ..checkpoint import rename_key
+from ..errors import CheckpointError, ConfigError, check_image_batch
+from ..layers import DropPath, init_trunc_normal
 from ..registry import register_model
 
 Size = tuple  # (H, W) of a token map
@@ -173,20 +174,16 @@ class PyramidVisionTransformerV2(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        """timm's Linear / LayerNorm init; convolutions N(0, sqrt(2 / fan_out)) as the official code."""
+        init_trunc_normal(m)
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
     def check_input(self, x: Tensor) -> None:
-        check_image_batch(x, self.in_chans)
-        if x.shape[2] < 32 or x.shape[3] < 32:
-            raise InputError(f"PVTv2 needs images of at least 32x32, got {x.shape[2]}x{x.shape[3]}")
+        check_image_batch(x, self.in_chans, min_size=32, model="PVTv2")
 
     def embed(self, x: Tensor, s: int, prev: Optional[Tensor], prev_size: Optional[Size]):
         """Entry of scale s: the stem on the image (s = 0) or the stride-2 downsample of the previous map."""
@@ -258,18 +255,12 @@ _HF_RULES = [  # transformers models/pvt_v2/modeling_pvt_v2.py -> timm (key / va
 _HF_KV = re.compile(r"^(.*)\.attention\.(key|value)\.(weight|bias)$")
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
 def convert_pvt_v2_state_dict(sd: dict) -> dict:
     """Any released PVTv2 layout -> ours (timm's). transformers' `key` and `value` are stacked into `kv`
     (rows k then v, the order `SRAttention.keys_values` splits them in); other layouts are renamed only."""
     layout = pvt_v2_layout(sd)
     if layout == "official":
-        return {_rename(k, _OFFICIAL_RULES): v for k, v in sd.items()}
+        return {rename_key(k, _OFFICIAL_RULES, first_only=False): v for k, v in sd.items()}
     if layout == "timm":
         return dict(sd)
     out, kv = {}, {}
@@ -277,9 +268,9 @@ def convert_pvt_v2_state_dict(sd: dict) -> dict:
         k = re.sub(r"^pvt_v2\.", "", key)
         m = _HF_KV.match(k)
         if m:
-            kv.setdefault((_rename(m.group(1), _HF_RULES), m.group(3)), {})[m.group(2)] = value
+            kv.setdefault((rename_key(m.group(1), _HF_RULES, first_only=False), m.group(3)), {})[m.group(2)] = value
             continue
-        out[_rename(k, _HF_RULES)] = value
+        out[rename_key(k, _HF_RULES, first_only=False)] = value
     for (prefix, kind), parts in kv.items():
         if set(parts) != {"key", "value"}:
             raise CheckpointError(f"transformers PVTv2 checkpoint: {prefix} has {sorted(parts)} {kind}, "

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, check_image_batch
-from ..hier import MapContext
-from ..layers import DropPath, Mlp
+from ..errors import ConfigError, check_image_batch
+from ..hier import HierarchicalModel, MapContext
+from ..layers import DropPath, Mlp, init_trunc_normal
 from ..registry import register_model
-from ..tokens import ReductionInfo
 
 
 def window_partition(x: Tensor, w: int) -> Tensor:
@@ -199,7 +198,7 @@ def convert_timm_swin(sd: dict) -> dict:
     return out
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(HierarchicalModel):
     """Swin Transformer classifier (v1).
 
     Args:
@@ -244,17 +243,7 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.reducer = None
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal)
 
     def checkpoint_filter(self, sd: dict) -> dict:
         """Drop the computed buffers official checkpoints carry; convert timm's layout (used by load_checkpoint)."""
@@ -264,11 +253,8 @@ class SwinTransformer(nn.Module):
         return convert_timm_swin(sd) if timm else sd
 
     def check_input(self, x: Tensor) -> None:
-        check_image_batch(x, self.in_chans)
-        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise InputError(f"this Swin model takes {self.img_size}x{self.img_size} images (its window masks are "
-                             f"built for that size), got {x.shape[2]}x{x.shape[3]}; resize the input or build the "
-                             f"model with img_size={x.shape[2]}")
+        check_image_batch(x, self.in_chans, size=self.img_size, model="this Swin model",
+                          why=" (its window masks are built for that size)")
 
     def embed(self, x: Tensor) -> Tensor:
         """Image (B, 3, H, W) -> patch tokens (B, N, C)."""
@@ -306,18 +292,6 @@ class SwinTransformer(nn.Module):
     def final_featmap(self, x: Tensor) -> Tensor:
         """(B, L, C) -> norm(x) (B, L, C): DynamicSwin's token targets."""
         return self.norm(x)
-
-    def forward(self, x: Tensor, return_info: bool = False):
-        """Logits (B, classes); with return_info, (logits, ReductionInfo)."""
-        ctx = MapContext(info=ReductionInfo() if return_info else None)
-        features = self.forward_features(x, ctx)
-        out = self.forward_head(features)
-        if self.reducer is not None:
-            out = self.reducer.finalize(self, ctx, out, features)
-        return (out, ctx.info) if return_info else out
-
-    def extra_repr(self) -> str:
-        return f"reducer={self.reducer!r}" if self.reducer is not None else ""
 
 
 SWIN_ARCHS = {

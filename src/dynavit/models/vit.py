@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, check_image_batch
-from ..layers import Block, PatchEmbed, patch_grid
+from ..errors import ConfigError, check_image_batch
+from ..layers import Block, PatchEmbed, init_trunc_normal, patch_grid
 from ..reduction import TokenReducer
 from ..registry import register_model
 from ..tokens import TokenState
@@ -62,22 +62,12 @@ class VisionTransformer(nn.Module):
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_trunc_normal(m)
 
     # ---------------------------------------------------------------- input
     def check_input(self, x: Tensor) -> None:
         """Raise InputError for a tensor this model cannot take (instead of a shape error deep in torch)."""
-        check_image_batch(x, self.in_chans)
-        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise InputError(f"this model takes {self.img_size}x{self.img_size} images, got "
-                             f"{x.shape[2]}x{x.shape[3]}; resize the input, or build the model with "
-                             f"img_size={x.shape[2]} (load_checkpoint resamples pos_embed)")
+        check_image_batch(x, self.in_chans, size=self.img_size, fix=" (load_checkpoint resamples pos_embed)")
 
     def embed(self, x: Tensor) -> Tensor:
         """Image (B, 3, H, W) -> tokens (B, P+N, C) with position embedding added."""
