@@ -349,3 +349,20 @@ def test_routing_picture_rows_are_strides_columns_are_stages(tmp_path):
     out = tmp_path / "routing.png"
     assert main(["viz", "--model", "dit_tiny", "--img-size", "64", "--image", str(png), "--output", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+def test_backbone_lr_scale_flag_overrides_the_recipe(tmp_path):
+    """`--backbone-lr-scale 0`: the gates (recipe `dit`'s head) move, the backbone does not."""
+    from safetensors.torch import load_file
+
+    from dynavit.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--model", "dit_tiny", "--img-size", "64", "--data", "demo", "--aug", "none", "--workers", "0",
+                 "--demo-size", "4", "4", "--no-eval", "--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0",
+                 "--lr", "0.64", "--backbone-lr-scale", "0", "--output", str(out)]) == 0
+    torch.manual_seed(0)  # the run's initial weights (`dynavit train` seeds 0 before building the model)
+    init = dynavit.create_model("dit_tiny", img_size=64, num_classes=10).state_dict()
+    trained = load_file(str(out / "model.safetensors"))
+    assert torch.equal(trained["stages.0.blocks.0.attn.q.weight"], init["stages.0.blocks.0.attn.q.weight"])
+    assert not torch.equal(trained["gates.0.bias"], init["gates.0.bias"])

@@ -230,9 +230,12 @@ def load_pretrained(model: nn.Module, w: Weights, progress: bool = True) -> None
     if twin:
         fresh.append(f"{len(twin)} tensors its twin {w.model} has not ({_prefixes(twin)}; the release is the twin's)")
     # the dense backbone's release under a method: the method's own parts (DynamicViT's predictors) are fresh
-    method_only = [k for k in getattr(model, "method_state_keys", ()) if k in missing] if w.method is None else []
+    # (a DiT's gates are its own such tensors too: already said above when the release is its twin's)
+    method_only = [k for k in getattr(model, "method_state_keys", ()) if k in missing and k not in twin] \
+        if w.method is None else []
     if method_only:
-        fresh.append(f"{len(method_only)} tensors of method {model.method_name} ({_prefixes(method_only)})")
+        owner = getattr(model, "method_name", None) or getattr(model, "family", type(model).__name__)
+        fresh.append(f"{len(method_only)} tensors of method {owner} ({_prefixes(method_only)})")
     allowed = set(twin) | set(method_only)
     fits = (all(k in sd or k in allowed or k.startswith(head) for k in target) and all(k in target for k in sd)
             and all(sd[k].shape == target[k].shape for k in sd))

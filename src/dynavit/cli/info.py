@@ -1,6 +1,8 @@
 """`dynavit info MODEL [--method M --keep-rate R]`: parameters, GMACs, tokens per stage and the info fields."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..flops import count_gmacs
@@ -19,8 +21,10 @@ def run(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     size = getattr(model, "img_size", 224)
     x = torch.randn(1, getattr(model, "in_chans", 3), size, size)
-    with torch.no_grad():
-        _, info = model(x, return_info=True)
+    info = None  # models without token bookkeeping (PVTv2, demo_cnn) take no return_info
+    if "return_info" in inspect.signature(model.forward).parameters:
+        with torch.no_grad():
+            _, info = model(x, return_info=True)
     gmacs = count_gmacs(model, x)
     print(f"model:      {label(args)}")
     if getattr(model, "reducer", None) is not None:
@@ -28,6 +32,8 @@ def run(args) -> int:
     print(f"params:     {params / 1e6:.2f} M")
     print(f"input:      {size}x{size}")
     print(f"GMACs:      {gmacs:.3f}")
+    if info is None:
+        return 0
     n = getattr(model, "num_patches", None)
     counts = list(info.token_counts)
     if n is not None:

@@ -62,6 +62,14 @@ def add_parser(sub) -> None:
     p.add_argument("--cutmix", type=number(float, ">=0"), default=None)
     p.add_argument("--smoothing", type=number(float, ">=0"), default=None)
     p.add_argument("--no-distill", action="store_true", help="no teacher distillation (for criteria that have one)")
+    p.add_argument("--backbone-lr-scale", type=number(float, ">=0"), default=None,
+                   help="the backbone's lr as a fraction of --lr (default: the recipe's; e.g. DynamicViT 0.01, DiT 0.05)")
+    p.add_argument("--token-teacher", default=None, metavar="WEIGHTS",
+                   help="token labelling (LV-ViT): a run directory or shipped asset whose model gives per-token scores "
+                        "(e.g. demo_cnn); the model needs a token head on the same grid (pvt_v2_*: --set "
+                        "token_head_scale=1)")
+    p.add_argument("--token-weight", type=number(float, ">0"), default=0.5,
+                   help="weight of the token-label loss (LV-ViT's 0.5)")
     p.add_argument("--workers", type=number(int, ">=0"), default=None, help="DataLoader workers per process")
     p.add_argument("--save-every", type=number(int, ">=0"), default=0, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=number(int, ">=1"), default=10, help="log.jsonl line every N steps")
@@ -146,6 +154,23 @@ def learning_rate(args, recipe, global_batch: int, main: bool) -> tuple:
     return lr, rule
 
 
+def token_label_criterion(base, spec: str, weight: float, log=print):
+    """`--token-teacher`: the frozen teacher built from a run directory / asset (they name their model)."""
+    from ..errors import ConfigError
+    from ..registry import create_model
+    from ..train.criterion import TokenLabelCriterion
+    from ._weights import load_weights, resolve_weights
+
+    w = resolve_weights(spec)
+    if not w.model:
+        raise ConfigError(f"--token-teacher {spec!r}: give a run directory or a shipped asset (a bare weights file "
+                          f"does not say which model it is)")
+    teacher = create_model(w.model, **w.kwargs)
+    load_weights(teacher, w, purpose="checkpoint", log=log)
+    log(f"token labels from {spec} ({w.model}), weight {weight:g}")
+    return TokenLabelCriterion(base, teacher, weight)
+
+
 def run(args) -> int:
     import json
 
@@ -206,6 +231,9 @@ def run(args) -> int:
                                     demo_size=demo_val, demo_cache=args.demo_cache)
         criterion = build_criterion(model, spec.criterion if spec else None, smoothing=aug.smoothing,
                                     distill=recipe.distill and not args.no_distill)
+        if args.token_teacher:
+            criterion = token_label_criterion(criterion, args.token_teacher, args.token_weight,
+                                              log=print if info.main else (lambda _: None))
         global_batch = args.batch_size * info.world * args.accum_steps
         lr, rule = learning_rate(args, recipe, global_batch, info.main)
         reducer = getattr(model, "reducer", None)
@@ -220,7 +248,7 @@ def run(args) -> int:
                                                                                  recipe.warmup_epochs),
             weight_decay=pick(args.weight_decay, recipe.weight_decay), clip_grad=pick(args.clip_grad,
                                                                                       recipe.clip_grad),
-            backbone_lr_scale=recipe.backbone_lr_scale, head_patterns=recipe.head_patterns,
+            backbone_lr_scale=pick(args.backbone_lr_scale, recipe.backbone_lr_scale), head_patterns=recipe.head_patterns,
             frozen_patterns=recipe.frozen_patterns,
             freeze_backbone_epochs=pick(args.freeze_backbone_epochs, recipe.freeze_backbone_epochs),
             freeze_mode=pick(args.freeze_mode, recipe.freeze_mode),

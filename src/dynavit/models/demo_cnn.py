@@ -31,8 +31,12 @@ class StemClassifier(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.aux_head = nn.Linear(embed_dim, num_classes)
 
+    def token_scores(self, x: Tensor) -> Tensor:
+        """Per-token class scores (B, N, K): the token labels `dynavit train --token-teacher` reads."""
+        return self.aux_head(self.norm(self.patch_embed(x)))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.aux_head(self.norm(self.patch_embed(x))).amax(dim=1)  # (B, N, K) -> (B, K)
+        return self.token_scores(x).amax(dim=1)  # (B, N, K) -> (B, K)
 
 
 @register_model

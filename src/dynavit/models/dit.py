@@ -200,6 +200,9 @@ class DiT(PyramidVisionTransformerV2):
 
     def __init__(self, budget: float = DEFAULT_BUDGET, gate_bias: float = 2.0, window: Sequence[int] = (1, 1),
                  dense_above: float = 1.0, **kwargs):
+        if kwargs.get("token_head_scale") is not None:
+            raise ConfigError("token_head_scale (token labelling) is a PVTv2 training option; DiT does not take "
+                              "it: train the PVTv2 twin with it, then start DiT from that checkpoint")
         super().__init__(**kwargs)
         self.budget = check_budget(budget)
         if not 0.0 <= float(dense_above) <= 1.0:
@@ -237,6 +240,9 @@ class DiT(PyramidVisionTransformerV2):
                 t, g = self.route_gates(n)
                 gate.bias.copy_(torch.tensor([gate_bias if t else -gate_bias, gate_bias if g else -gate_bias]))
         self.gate_override: dict = {}
+        # what a PVTv2 checkpoint cannot hold (`--init pvt_v2.pth` is DiT's fine-tune; the fresh gates route
+        # every token along PVTv2's staircase), as a method's own tensors are for a dense model
+        self.method_state_keys = tuple(f"gates.{n}.{w}" for n in range(len(self.gates)) for w in ("weight", "bias"))
         self._register_load_state_dict_pre_hook(self._fill_grid_hook)  # plain torch `load_state_dict` too
 
     # ------------------------------------------------------------------ the grid

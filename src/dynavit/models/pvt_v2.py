@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,13 @@ from ..layers import DropPath, init_trunc_normal
 from ..registry import register_model
 
 Size = tuple  # (H, W) of a token map
+
+
+class TokenScores(NamedTuple):
+    """Training output of a PVTv2 with a token head: class logits (B, K) and per-token scores (B, N_s, K)."""
+
+    logits: Tensor
+    token_scores: Tensor
 
 
 def to_map(x: Tensor, size: Size) -> Tensor:
@@ -143,6 +150,9 @@ class PyramidVisionTransformerV2(nn.Module):
         qkv_bias: bias of q / kv. drop_path_rate: stochastic depth, linear over all blocks.
         global_pool: 'avg' (PVTv2) or 'max' over the last map before the head ('max' learns a small object in
             clutter much sooner: the demo's DiT uses it, docs/demo.md).
+        token_head_scale: None (PVTv2), or a scale s in 0..3: adds `aux_head`, a Linear on the tokens of map s,
+            used in training only: the training forward returns `TokenScores(logits, token_scores)` for token
+            labelling from a teacher (`dynavit train --token-teacher`, docs/demo.md); inference is PVTv2's head.
     """
 
     family = "pvt_v2"
@@ -151,10 +161,14 @@ class PyramidVisionTransformerV2(nn.Module):
                  depths: Sequence[int] = (3, 4, 6, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
                  num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, drop_path_rate: float = 0.0,
-                 global_pool: str = "avg"):
+                 global_pool: str = "avg", token_head_scale: Optional[int] = None):
         super().__init__()
         if global_pool not in ("avg", "max"):
             raise ConfigError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        if token_head_scale is not None and token_head_scale not in (0, 1, 2, 3):
+            raise ConfigError(f"token_head_scale must be None or a scale 0..3 (stride 4, 8, 16, 32), got "
+                              f"{token_head_scale!r}")
+        self.token_head_scale = token_head_scale
         self.global_pool = global_pool
         for name, v in dict(depths=depths, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
                             sr_ratios=sr_ratios).items():
@@ -170,6 +184,10 @@ class PyramidVisionTransformerV2(nn.Module):
                      qkv_bias, dpr[s].tolist(), first=s == 0) for s in range(4))
         self.num_features = embed_dims[-1]
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        if token_head_scale is not None:
+            if num_classes <= 0:
+                raise ConfigError("token_head_scale needs a classifier (num_classes > 0)")
+            self.aux_head = nn.Linear(embed_dims[token_head_scale], num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -208,8 +226,12 @@ class PyramidVisionTransformerV2(nn.Module):
         pooled = last_map.mean(dim=(2, 3)) if self.global_pool == "avg" else last_map.amax(dim=(2, 3))  # (B, C3)
         return pooled if pre_logits else self.head(pooled)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x)[-1])
+    def forward(self, x: Tensor):
+        maps = self.forward_features(x)
+        logits = self.forward_head(maps[-1])
+        if self.training and self.token_head_scale is not None:
+            return TokenScores(logits, self.aux_head(to_tokens(maps[self.token_head_scale])))  # (B, N_s, K)
+        return logits
 
     def checkpoint_filter(self, sd: dict) -> dict:
         """Called by `dynavit.checkpoint.filter_state_dict`: authors' / transformers' keys -> ours (timm's)."""
