@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynavit
+from dynavit.losses import token_label_loss
 from dynavit.data.demo import DemoDataset
 from dynavit.data.transforms import eval_batch
 
@@ -83,8 +84,7 @@ def main(argv=None) -> None:
             scores = token_head(to_tokens(maps[1]))  # (B, 196, 10)
             with torch.no_grad():
                 target = teacher.aux_head(teacher.norm(teacher.patch_embed(x)))  # (B, 196, 10)
-            token_kl = F.kl_div(F.log_softmax(scores, -1), F.log_softmax(target, -1), log_target=True,
-                                reduction="batchmean") / scores.shape[1]
+            token_kl = token_label_loss(scores, target)
             ce = F.cross_entropy(logits, y)
             loss = ce + args.token_weight * token_kl
             parts = {"token_kl": token_kl.item(), "token_max_acc": (scores.amax(1).argmax(1) == y).float().mean().item()}

@@ -34,6 +34,12 @@ def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
                     log_target=True)
 
 
+def per_token_kl(scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """KL(teacher || student) of per-token scores (B, N, K), summed over classes -> (B, N)."""
+    return F.kl_div(F.log_softmax(scores, dim=-1), F.log_softmax(teacher_scores, dim=-1), reduction="none",
+                    log_target=True).sum(dim=-1)
+
+
 def token_label_loss(scores: Tensor, teacher_scores: Tensor) -> Tensor:
     """Token labelling (LV-ViT, Jiang et al. 2021, Eq. 3 with a teacher's per-token scores as the dense labels):
     KL(teacher || student) of per-token scores (B, N, K), summed over classes, mean over tokens and images."""
@@ -41,6 +47,4 @@ def token_label_loss(scores: Tensor, teacher_scores: Tensor) -> Tensor:
         raise ConfigError(f"token labels: the student's per-token scores {tuple(scores.shape)} and the teacher's "
                           f"{tuple(teacher_scores.shape)} must have the same (batch, tokens, classes); pick the "
                           f"student scale whose token grid is the teacher's")
-    kl = F.kl_div(F.log_softmax(scores, dim=-1), F.log_softmax(teacher_scores, dim=-1), reduction="none",
-                  log_target=True)  # (B, N, K)
-    return kl.sum(dim=-1).mean()
+    return per_token_kl(scores, teacher_scores).mean()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keep_rate
 from ..layers import init_trunc_normal
-from ..losses import classification_loss, logit_distillation
+from ..losses import classification_loss, logit_distillation, per_token_kl
 from ..recipes import Recipe
 from ..reduction import TokenReducer
 from ..registry import register_method, remove_method
@@ -419,9 +419,7 @@ def masked_token_mse(tokens: Tensor, teacher_tokens: Tensor, mask: Tensor) -> Te
 def masked_token_kl(scores: Tensor, teacher_scores: Tensor, mask: Tensor) -> Tensor:
     """KL(teacher || student) of per-token scores (B, N, K), mean over kept tokens; 0 if nothing is kept."""
     keep = (mask > 0.5).to(scores.dtype)
-    kl = F.kl_div(F.log_softmax(scores, dim=-1), F.log_softmax(teacher_scores, dim=-1), reduction="none",
-                  log_target=True).sum(dim=-1)  # (B, N)
-    return (kl * keep).sum() / keep.sum().clamp_min(1.0)
+    return (per_token_kl(scores, teacher_scores) * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def dynamicvit_loss(outputs: DynamicViTOutput, target: Tensor, teacher_logits: Optional[Tensor],
