@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 COMMON = ["--data", "demo", "--aug", "none", "--workers", "1", "--weight-decay", "0.05"]
 VAL = "2000"
 VIT_IMAGES, METHOD_IMAGES = 32000, 9600
-DIT_BUDGET, DIT_IMAGES, DIT_LR = 0.5, 12800, "0.64"
+DIT_BUDGET, DIT_IMAGES, DIT_LR = 0.5, 48000, "0.64"
 
 
 def _init(name: str) -> list:
