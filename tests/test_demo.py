@@ -260,6 +260,20 @@ def test_dynamicvit_diagnose_reports_every_stage_and_loss_term(capsys):
         assert re.search(rf"dL/dD {term}\s+\([\d.]+\): s0 digit [-+]", out)
 
 
+def test_dynamicvit_oracle_ranks_keeping_the_digit_first(capsys):
+    """benchmarks/dynamicvit_oracle.py (docs/demo.md): a predictor that keeps the digit beats one that drops it,
+    both at inference and in the DynamicViT training loss at those decisions."""
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("dynamicvit_oracle", REPO / "benchmarks" / "dynamicvit_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    oracle.main(["--images", "48", "--train-images", "64"])
+    lines = {line.split("top-1")[0].strip(): line for line in capsys.readouterr().out.splitlines() if "top-1" in line}
+    top1 = {k: float(v.split("top-1")[1].split("%")[0]) for k, v in lines.items()}
+    ce = {k: float(v.split("CE ")[1].split(",")[0]) for k, v in lines.items()}
+    assert top1["keep the digit"] > top1["drop the digit"] and ce["keep the digit"] < ce["drop the digit"], lines
+
+
 @pytest.mark.parametrize("variant", ["plain", "tokmax", "convstem", "tokenlabel"])
 def test_demo_learning_probe_prints_a_learning_curve(capsys, variant):
     """benchmarks/demo_learning_probe.py (docs/demo.md's DiT-twin learning curves) runs every variant it offers."""
