@@ -348,3 +348,44 @@ def test_training_step_under_bf16_autocast():
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "predictor" in n or "score" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------- short-run options
+def test_keep_ratio_bias_starts_every_stage_on_its_target():
+    """predictor_bias='keep_ratio': a fresh predictor keeps a token with its stage's ratio given the previous stage
+    (rho^s / rho^(s-1)), so a training run starts on target; 'zero' (the authors' init) starts at 0.5."""
+    from dynavit.methods.dynamicvit import stage_keep_ratios
+
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 196, DEIT_CFG["embed_dim"])
+    for keep_rate, ratios in ((0.7, [0.7, 0.7, 0.7]), ([0.9, 0.6, 0.3], [0.9, 2 / 3, 0.5])):
+        assert stage_keep_ratios(parse_ratios(keep_rate)) == pytest.approx(ratios)
+        model = dynavit.create_model("vit", method="dynamicvit", keep_rate=keep_rate, predictor_bias="keep_ratio",
+                                     **DEIT_CFG)
+        for predictor, r in zip(model.score_predictor, ratios):
+            assert predictor(tokens)[..., 0].exp().mean().item() == pytest.approx(r, abs=0.01)
+    authors = dynavit.create_model("vit", method="dynamicvit", keep_rate=0.7, **DEIT_CFG)
+    assert authors.score_predictor[0](tokens)[..., 0].exp().mean().item() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ConfigError, match="predictor_bias.*'keep'"):
+        dynavit.create_model("vit", method="dynamicvit", predictor_bias="keep", **DEIT_CFG)
+
+
+def parse_ratios(keep_rate):
+    from dynavit.methods.dynamicvit import parse_keep_ratios
+
+    return parse_keep_ratios(keep_rate, 3)
+
+
+def test_ratio_weight_option_reaches_the_criterion(capsys):
+    """`dynavit train --ratio-weight W` builds DynamicViT's criterion with that weight (default: the authors' 2);
+    other methods refuse the flag by name."""
+    from dynavit.cli import main
+    from dynavit.train.criterion import build_criterion
+
+    model = dynavit.create_model("vit", method="dynamicvit", **DEIT_CFG)
+    assert build_criterion(model, "dynamicvit").ratio_weight == 2.0
+    assert build_criterion(model, "dynamicvit", ratio_weight=1000).ratio_weight == 1000.0
+    rc = main(["train", "--model", "deit_tiny", "--method", "evit", "--ratio-weight", "5", "--data", "demo",
+               "--output", "unused"])
+    assert rc != 0 and "--ratio-weight is DynamicViT's keep-ratio loss weight; --method is 'evit'" in \
+        capsys.readouterr().err

@@ -64,6 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-distill", action="store_true", help="no teacher distillation (for criteria that have one)")
     p.add_argument("--backbone-lr-scale", type=number(float, ">=0"), default=None,
                    help="the backbone's lr as a fraction of --lr (default: the recipe's; e.g. DynamicViT 0.01, DiT 0.05)")
+    p.add_argument("--ratio-weight", type=number(float, ">0"), default=None,
+                   help="DynamicViT: weight of the keep-ratio loss (default: the authors' 2, 5 for DeiT-B; "
+                        "docs/dynamicvit.md 'Short runs')")
     p.add_argument("--token-teacher", default=None, metavar="WEIGHTS",
                    help="token labelling (LV-ViT): a run directory or shipped asset whose model gives per-token scores "
                         "(e.g. demo_cnn); the model needs a token head on the same grid (pvt_v2_*: --set "
@@ -190,6 +193,10 @@ def run(args) -> int:
         from ..errors import ConfigError
 
         raise ConfigError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.ratio_weight is not None and args.method != "dynamicvit":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--ratio-weight is DynamicViT's keep-ratio loss weight; --method is {args.method!r}")
     recipe = get_recipe(args.recipe, args.method, args.model)
     if args.data == "demo":
         require("train", "the demo dataset", ("sklearn", "skimage"))
@@ -229,8 +236,9 @@ def run(args) -> int:
             val_set = build_dataset(str(val_dir), "val", img_size, train=False, classes=getattr(train_set, "classes",
                                                                                               None),
                                     demo_size=demo_val, demo_cache=args.demo_cache)
+        options = {} if args.ratio_weight is None else {"ratio_weight": args.ratio_weight}
         criterion = build_criterion(model, spec.criterion if spec else None, smoothing=aug.smoothing,
-                                    distill=recipe.distill and not args.no_distill)
+                                    distill=recipe.distill and not args.no_distill, **options)
         if args.token_teacher:
             criterion = token_label_criterion(criterion, args.token_teacher, args.token_weight,
                                               log=print if info.main else (lambda _: None))

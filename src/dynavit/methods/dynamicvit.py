@@ -15,6 +15,7 @@ image the tokens with keep probability > 0.5. docs/dynamicvit.md lists what matc
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -81,6 +82,22 @@ class ScorePredictor(nn.Module):
         h = F.gelu(F.linear(local, w0[:, :half], m0.bias) + F.linear(glob, w0[:, half:]))  # (B, T, C/2)
         h = F.gelu(F.linear(h, self._w(m2), m2.bias))
         return F.linear(h, self._w(m4), m4.bias).log_softmax(dim=-1)
+
+
+PREDICTOR_BIASES = ("zero", "keep_ratio")
+
+
+def stage_keep_ratios(keep_ratios: Sequence[float]) -> list[float]:
+    """Cumulative keep ratios [rho_1, rho_2, ...] -> each stage's ratio given the previous: rho_s / rho_{s-1}."""
+    return [r / prev for r, prev in zip(keep_ratios, [1.0, *keep_ratios[:-1]])]
+
+
+@torch.no_grad()
+def init_keep_bias(predictor: ScorePredictor, keep_ratio: float) -> None:
+    """Set the predictor's last bias to log [r, 1 - r], so a fresh predictor keeps a token with probability r."""
+    r = min(max(float(keep_ratio), 1e-4), 1 - 1e-4)
+    bias = predictor.out_conv[4].bias
+    bias.copy_(torch.tensor([math.log(r), math.log(1 - r)], dtype=bias.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -522,11 +539,15 @@ class DynamicViTLoss(nn.Module):
         return total
 
 
-def dynamicvit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = True) -> DynamicViTLoss:
-    """The criterion `dynavit train` uses (the spec's factory): with the dense teacher unless distill is off."""
+def dynamicvit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool = True,
+                         ratio_weight: Optional[float] = None) -> DynamicViTLoss:
+    """The criterion `dynavit train` uses (the spec's factory): with the dense teacher unless distill is off;
+    ratio_weight None = the authors' (2; 5 at DeiT-B's width)."""
+    kwargs = {"smoothing": smoothing} if ratio_weight is None else {"smoothing": smoothing,
+                                                                    "ratio_weight": float(ratio_weight)}
     if distill:
-        return DynamicViTLoss.for_model(model, smoothing=smoothing)
-    return DynamicViTLoss(None, model.reducer.keep_ratios, smoothing=smoothing)
+        return DynamicViTLoss.for_model(model, **kwargs)
+    return DynamicViTLoss(None, model.reducer.keep_ratios, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -540,14 +561,15 @@ RECIPE = Recipe(
 
 
 @register_method(
-    "dynamicvit", params=("keep_rate", "prune_locations", "keep_mode", "early_policy"), families=("vit",),
+    "dynamicvit", params=("keep_rate", "prune_locations", "keep_mode", "early_policy", "predictor_bias"),
+    families=("vit",),
     recipe=RECIPE, criterion=dynamicvit_criterion, attention_extras=("attn_bias", "attend"),
     identity={"keep_rate": 1.0},
     info_fields={"keep_logp": "per stage, (B, T) keep log-probability of each token entering the stage",
                  "kept_per_image": "keep_mode='threshold': per stage, (B,) tokens kept by each image"})
 def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
                      prune_locations: Optional[Sequence[int]] = None, keep_mode: str = "topk",
-                     early_policy: bool = False) -> nn.Module:
+                     early_policy: bool = False, predictor_bias: str = "zero") -> nn.Module:
     """DynamicViT: learned prediction modules prune tokens hierarchically (keep ratios rho, rho^2, rho^3).
 
     Args:
@@ -558,10 +580,19 @@ def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] 
             with keep probability > 0.5, padded per batch with an attention mask).
         early_policy: training only: the blocks before the first predictor also run the eps-smoothed masked
             softmax with an all-ones policy, as the authors' training forward does (docs/dynamicvit.md).
+        predictor_bias: the fresh predictors' last bias: 'zero' (the authors' init: p(keep) = 0.5 everywhere, so
+            training starts below every target) or 'keep_ratio' (log [r_s, 1 - r_s] with r_s the stage's keep ratio
+            given the previous stage's, so training starts on target; docs/dynamicvit.md "Predictor bias").
+            Loaded weights replace it either way.
     """
+    if predictor_bias not in PREDICTOR_BIASES:
+        raise ConfigError(f"predictor_bias must be one of {list(PREDICTOR_BIASES)}, got {predictor_bias!r}")
     reducer = DynamicViT(model.num_patches, len(model.blocks), keep_rate, prune_locations, keep_mode, early_policy)
     ref = next(model.parameters())
-    model.score_predictor = nn.ModuleList(ScorePredictor(model.embed_dim) for _ in reducer.locations).to(
-        device=ref.device, dtype=ref.dtype)
+    predictors = [ScorePredictor(model.embed_dim) for _ in reducer.locations]
+    if predictor_bias == "keep_ratio":
+        for predictor, ratio in zip(predictors, stage_keep_ratios(reducer.keep_ratios)):
+            init_keep_bias(predictor, ratio)
+    model.score_predictor = nn.ModuleList(predictors).to(device=ref.device, dtype=ref.dtype)
     model.reducer = reducer
     return model
