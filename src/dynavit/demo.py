@@ -39,6 +39,7 @@ from .data.demo import DemoDataset
 from .data.transforms import eval_batch
 from .errors import CheckpointError, ConfigError, TrainingError
 from .flops import count_gmacs
+from .timing import malloc_tunables_on
 
 METHODS = ("dynamicvit", "evit", "bat", "tome")
 LABELS = {"dynamicvit": "DynamicViT", "evit": "EViT", "bat": "BAT", "tome": "ToMe"}
@@ -269,7 +270,7 @@ def run(cfg: DemoConfig) -> dict:
                          "keep_rates": list(cfg.keep_rates), "img_size": size,
                          "dit_img_size": dit.img_size if dit is not None else None,
                          "val_images": cfg.val_images, "bench_batch": cfg.bench_batch,
-                         "threads": torch.get_num_threads()},
+                         "threads": torch.get_num_threads(), "malloc_tunables": malloc_tunables_on()},
               "seconds": round(time.perf_counter() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     log("")

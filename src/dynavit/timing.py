@@ -27,6 +27,13 @@ def malloc_tunables_on() -> bool:
     return MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
 
 
+def launched_as(command: str) -> bool:
+    """True when this process is `dynavit COMMAND` typed by a user (not a library or test caller)."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    launched = prog == "dynavit" or sys.argv[0].endswith(os.path.join("dynavit", "__main__.py"))
+    return launched and command in sys.argv[1:]
+
+
 def reexec_with_malloc_tunables(argv: Sequence[str]) -> None:
     """Replace this process by `sys.executable *argv` with glibc's malloc thresholds raised.
 

@@ -9,12 +9,11 @@ thresholds cost 45k-220k page faults per DeiT-S forward and make timings swing b
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from ..bench import BenchConfig, format_table, run_benchmark
 from ..options import parse_assignments
-from ..timing import reexec_with_malloc_tunables
+from ..timing import launched_as, reexec_with_malloc_tunables
 from ._common import number
 
 
@@ -46,15 +45,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _from_command_line() -> bool:
-    """True when this process is the `dynavit bench` command itself (not a library or test caller)."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
-    launched = prog == "dynavit" or sys.argv[0].endswith(os.path.join("dynavit", "__main__.py"))
-    return launched and "bench" in sys.argv[1:]
-
-
 def run(args) -> int:
-    if not args.no_malloc_tunables and _from_command_line():  # not from a library or test caller
+    if not args.no_malloc_tunables and launched_as("bench"):  # not from a library or test caller
         reexec_with_malloc_tunables(["-m", "dynavit", *sys.argv[1:]])
     kw = parse_assignments(args.set)
     if args.pretrained:

@@ -25,10 +25,19 @@ def add_parser(sub) -> None:
                    "rate (default 150, batch 32)")
     p.add_argument("--val-images", type=int, default=None, help="validation images (default 2000; --quick 300)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-malloc-tunables", action="store_true",
+                   help="time with glibc's default allocator (by default the demo re-executes itself with its malloc "
+                        "thresholds raised, as dynavit bench does: BENCHMARKS.md)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import sys
+
+    from ..timing import launched_as, reexec_with_malloc_tunables
+
+    if not args.no_malloc_tunables and launched_as("demo"):  # not from a library or test caller
+        reexec_with_malloc_tunables(["-m", "dynavit", *sys.argv[1:]])
     require("train", "dynavit demo (its dataset)", ("sklearn", "skimage"))
     require("plot", "dynavit demo (its figures)", ("matplotlib",))
     from ..demo import DemoConfig
