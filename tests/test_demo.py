@@ -286,3 +286,46 @@ def test_demo_learning_probe_prints_a_learning_curve(capsys, variant):
     assert all(re.search(r"ce \d+\.\d{3} acc [01]\.\d{3}", ln) for ln in lines)
     if variant == "tokenlabel":
         assert all(re.search(r"token_kl \d+\.\d{3} token_max_acc [01]\.\d{3}", ln) for ln in lines)
+
+
+@pytest.mark.slow
+def test_dynamicvit_short_run_options_make_predictors_find_the_digit():
+    """docs/demo.md findings 4-5: on the demo backbone, predictors trained alone by the DynamicViT loss with the
+    authors' values (zero bias, ratio weight 2) rank the digit's tokens *below* the background within 10 steps;
+    with predictor_bias='keep_ratio' and ratio weight 1000 they rank them above it after 120 steps."""
+    from sklearn.metrics import roc_auc_score
+
+    from dynavit.checkpoint import load_checkpoint
+    from dynavit.methods.dynamicvit import DynamicViTLoss
+
+    spec = importlib.util.spec_from_file_location("dynamicvit_oracle", REPO / "benchmarks" / "dynamicvit_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    train_x, train_y, _ = oracle.batch("train", 320)
+    val_x, _, val_box = oracle.batch("val", 64)
+
+    def stage1_auc(bias: str, ratio_weight: float, steps: int) -> float:
+        torch.manual_seed(0)
+        model = dynavit.create_model("demo_vit", method="dynamicvit", keep_rate=0.7, predictor_bias=bias)
+        load_checkpoint(model, asset_path("demo_vit"), strict=False)
+        criterion = DynamicViTLoss.for_model(model, token_loss="kl", ratio_weight=ratio_weight)
+        params = [p for n, p in model.named_parameters() if n.startswith("score_predictor")]
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("score_predictor"))
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+        model.train()
+        for _ in range(steps):
+            i = torch.randint(0, len(train_x), (32,))
+            loss = criterion(train_x[i], model(train_x[i]), train_y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            _, info = model(val_x, return_info=True)
+        return roc_auc_score(val_box.reshape(-1).numpy(), info.extra["keep_logp"][0].reshape(-1).numpy())
+
+    authors = stage1_auc("zero", 2.0, 10)
+    short_run = stage1_auc("keep_ratio", 1000.0, 120)
+    print(f"stage-1 AUC: authors {authors:.3f}, short-run options {short_run:.3f}")
+    assert authors < 0.5 < 0.65 < short_run, (authors, short_run)
