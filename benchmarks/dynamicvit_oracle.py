@@ -32,12 +32,9 @@ from dynavit.methods.dynamicvit import DynamicViTLoss, dynamicvit_loss, teacher_
 SIZE, GRID = 112, 14
 
 
-def digit_box(split: str, index: int) -> np.ndarray:
-    """(196,) bool: patches at least 1/4 inside the digit's box of image `index` (re-drawn as `render` draws it)."""
-    rng = np.random.default_rng([0, 1 if split == "train" else 2, index])
-    demo_data._background(rng, SIZE)  # the same draws as demo.render, in order
-    side = int(rng.integers(demo_data.SCALE_RANGE[0], demo_data.SCALE_RANGE[1] + 1) * SIZE / demo_data.IMAGE_SIZE)
-    top, left = rng.integers(0, SIZE - side + 1, 2)
+def digit_patches(split: str, index: int) -> np.ndarray:
+    """(196,) bool: patches at least 1/4 inside the digit's box of image `index` (`demo.digit_box`)."""
+    top, left, side = demo_data.digit_box(0, split, index, SIZE)
     box = np.zeros((SIZE, SIZE))
     box[top:top + side, left:left + side] = 1
     p = SIZE // GRID
@@ -48,7 +45,7 @@ def batch(split: str, n: int):
     ds = demo_data.DemoDataset(split, n=n, size=SIZE)
     items = [ds[i] for i in range(n)]
     x = eval_batch(torch.stack([im for im, _ in items]), SIZE)
-    return x, torch.tensor([y for _, y in items]), torch.from_numpy(np.stack([digit_box(split, i) for i in range(n)]))
+    return x, torch.tensor([y for _, y in items]), torch.from_numpy(np.stack([digit_patches(split, i) for i in range(n)]))
 
 
 class FixedScores(nn.Module):

@@ -56,14 +56,14 @@ ASSETS = {
 # every method fine-tuned from demo_vit by its own recipe (`--recipe` from `--method`), with learning rates for a
 # short run: DynamicViT 3.2e-2 x 32 / 1024 = 1e-3 (backbone x 0.01; the recipe's warm-up from 0 and frozen backbone,
 # 5 of 30 epochs, as fractions), EViT / BAT / ToMe 1.6e-3 x 32 / 512 = 1e-4
-TOME_R = {0.7: 11, 0.5: 15}
+TOME_R = {0.7: 11, 0.5: 15}  # the r whose GMACs match EViT's at that keep rate (demo.tome_r_matching)
 # DynamicViT's two short-run options (docs/dynamicvit.md "Short runs"): predictors start on their keep ratios and a
 # ratio weight that holds them there; with the authors' values (zero bias, weight 2) the predictors learn to drop
 # the digit (docs/demo.md finding 4)
-DYNAMICVIT_SHORT_RUN = ["--set", "predictor_bias=keep_ratio", "--ratio-weight", "1000"]  # the r whose GMACs match EViT's at that keep rate (demo.tome_r_matching)
+DYNAMICVIT_SHORT_RUN = ["--set", "predictor_bias=keep_ratio", "--ratio-weight", "1000"]
 # run lengths other than METHOD_IMAGES: two runs on a crowded machine (7 img/s) were shortened to 100 steps;
 # BAT at 0.5 was rerun twice as long (92.4% after 9,600 images, 93.85% after 19,200)
-SHORT = {"demo_vit_bat_0.7": 3200, "demo_vit_tome_0.5": 3200, "demo_vit_bat_0.5": 19200}
+RUN_IMAGES = {"demo_vit_bat_0.7": 3200, "demo_vit_tome_0.5": 3200, "demo_vit_bat_0.5": 19200}
 for _keep in (0.7, 0.5):
     ASSETS[f"demo_vit_dynamicvit_{_keep:g}"] = dict(
         model="demo_vit", method="dynamicvit", method_kwargs={"keep_rate": _keep}, keep_rate=_keep,
@@ -81,7 +81,7 @@ for _keep in (0.7, 0.5):
                                                         if _method == "tome" else f"keep rate {_keep:g}")
             + f" (recipe '{_method}')",
             command=["train", "--model", "demo_vit", "--method", _method, *arg, *_init("demo_vit"), *COMMON,
-                     "--demo-size", str(SHORT.get(f"demo_vit_{_method}_{_keep:g}", METHOD_IMAGES)), VAL, "--epochs", "1", "--batch-size", "32", "--lr", "1.6e-3",
+                     "--demo-size", str(RUN_IMAGES.get(f"demo_vit_{_method}_{_keep:g}", METHOD_IMAGES)), VAL, "--epochs", "1", "--batch-size", "32", "--lr", "1.6e-3",
                      "--min-lr", "1.6e-4", "--warmup-epochs", "0", "--ema-decay", "0",
                      "--output", f"{{root}}/demo_vit_{_method}_{_keep:g}"])
 

@@ -273,3 +273,18 @@ def test_cli_train_aug_none_runs_without_kornia(monkeypatch, tmp_path):
                str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--aug", "none", "--max-steps", "1",
                "--batch-size", "4", "--workers", "0", "--no-eval", "--amp", "none"])
     assert rc == 0 and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_digit_box_is_where_render_draws_the_digit():
+    """demo.digit_box: the pixels render changes over the background lie in the box (the digit fills 34-46% of
+    it); outside it only the thin distractor strokes do (under 2%)."""
+    for split in ("train", "val"):
+        for index in range(8):
+            top, left, side = demo.digit_box(0, split, index)
+            _, background, _ = demo._placement(0, split, index, demo.IMAGE_SIZE)
+            image = demo.render(0, split, index)[0].astype(np.float32)
+            changed = np.abs(image - background).sum(-1) > 30  # (H, W)
+            inside = np.zeros_like(changed)
+            inside[top:top + side, left:left + side] = True
+            assert 0 <= top and top + side <= demo.IMAGE_SIZE and 0 <= left and left + side <= demo.IMAGE_SIZE
+            assert changed[inside].mean() > 0.25 and changed[~inside].mean() < 0.05, (split, index)

@@ -12,6 +12,7 @@ import torch
 import dynavit
 from dynavit.assets import asset_path, load_asset, manifest, retrain_commands
 from dynavit.data.demo import DemoDataset
+from dynavit.timing import launched_as, malloc_tunables_on
 from dynavit.data.transforms import eval_batch
 from dynavit.demo import CLAIM_NAMES, check_claims, evaluate, tome_r_matching
 from dynavit.errors import UnknownNameError
@@ -212,6 +213,7 @@ def test_demo_quick_smoke(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["val_images"] == 40
+    assert res["config"]["malloc_tunables"] is malloc_tunables_on()  # off here: only `dynavit demo` re-executes
     methods = [(r["method"], r["keep_rate"]) for r in res["rows"]]
     assert methods[0] == ("dense", 1.0)
     if DIT_ASSET_FITS:  # else the demo skips its DiT step (a stale asset), see needs_retrained_dit
@@ -329,3 +331,14 @@ def test_dynamicvit_short_run_options_make_predictors_find_the_digit():
     short_run = stage1_auc("keep_ratio", 1000.0, 120)
     print(f"stage-1 AUC: authors {authors:.3f}, short-run options {short_run:.3f}")
     assert authors < 0.5 < 0.65 < short_run, (authors, short_run)
+
+
+def test_demo_and_bench_re_execute_only_when_typed_as_commands(monkeypatch):
+    """timing.launched_as decides whether `dynavit demo` / `dynavit bench` re-execute with raised malloc
+    thresholds: only for the command itself, never for a library or test caller."""
+    for argv, command, expected in ((["/venv/bin/dynavit", "demo", "--quick"], "demo", True),
+                                    (["/src/dynavit/__main__.py", "bench"], "bench", True),
+                                    (["/venv/bin/dynavit", "train", "--model", "vit"], "demo", False),
+                                    (["/venv/bin/pytest", "demo"], "demo", False)):
+        monkeypatch.setattr("sys.argv", argv)
+        assert launched_as(command) is expected, argv

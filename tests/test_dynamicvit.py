@@ -359,9 +359,9 @@ def test_keep_ratio_bias_starts_every_stage_on_its_target():
     torch.manual_seed(0)
     tokens = torch.randn(4, 196, DEIT_CFG["embed_dim"])
     for keep_rate, ratios in ((0.7, [0.7, 0.7, 0.7]), ([0.9, 0.6, 0.3], [0.9, 2 / 3, 0.5])):
-        assert stage_keep_ratios(parse_ratios(keep_rate)) == pytest.approx(ratios)
         model = dynavit.create_model("vit", method="dynamicvit", keep_rate=keep_rate, predictor_bias="keep_ratio",
                                      **DEIT_CFG)
+        assert stage_keep_ratios(model.reducer.keep_ratios) == pytest.approx(ratios)
         for predictor, r in zip(model.score_predictor, ratios):
             assert predictor(tokens)[..., 0].exp().mean().item() == pytest.approx(r, abs=0.01)
     authors = dynavit.create_model("vit", method="dynamicvit", keep_rate=0.7, **DEIT_CFG)
@@ -370,21 +370,26 @@ def test_keep_ratio_bias_starts_every_stage_on_its_target():
         dynavit.create_model("vit", method="dynamicvit", predictor_bias="keep", **DEIT_CFG)
 
 
-def parse_ratios(keep_rate):
-    from dynavit.methods.dynamicvit import parse_keep_ratios
-
-    return parse_keep_ratios(keep_rate, 3)
-
-
-def test_ratio_weight_option_reaches_the_criterion(capsys):
-    """`dynavit train --ratio-weight W` builds DynamicViT's criterion with that weight (default: the authors' 2);
+def test_ratio_weight_option_reaches_the_criterion(tmp_path, monkeypatch, capsys):
+    """`dynavit train --ratio-weight W` trains with DynamicViT's criterion at that weight (default: the authors' 2);
     other methods refuse the flag by name."""
     from dynavit.cli import main
-    from dynavit.train.criterion import build_criterion
+    from dynavit.train import criterion as criterion_module
 
-    model = dynavit.create_model("vit", method="dynamicvit", **DEIT_CFG)
-    assert build_criterion(model, "dynamicvit").ratio_weight == 2.0
-    assert build_criterion(model, "dynamicvit", ratio_weight=1000).ratio_weight == 1000.0
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    real = criterion_module.build_criterion
+    monkeypatch.setattr(criterion_module, "build_criterion", recording)
+    tiny = ["--model", "vit", "--set", "embed_dim=32", "--set", "depth=4", "--set", "num_heads=2", "--set",
+            "patch_size=8", "--img-size", "32", "--method", "dynamicvit", "--data", "demo", "--demo-size", "8", "2",
+            "--batch-size", "4", "--max-steps", "1", "--aug", "none", "--workers", "0", "--device", "cpu", "--no-eval"]
+    for extra, weight in (([], 2.0), (["--ratio-weight", "1000"], 1000.0)):
+        assert main(["train", *tiny, *extra, "--output", str(tmp_path / str(weight))]) == 0
+        assert built[-1].ratio_weight == weight
     rc = main(["train", "--model", "deit_tiny", "--method", "evit", "--ratio-weight", "5", "--data", "demo",
                "--output", "unused"])
     assert rc != 0 and "--ratio-weight is DynamicViT's keep-ratio loss weight; --method is 'evit'" in \

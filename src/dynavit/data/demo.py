@@ -116,18 +116,30 @@ def _strokes(rng: np.random.Generator, size: int, side: float, count: int) -> np
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
+def _placement(seed: int, split: str, index: int, size: int) -> tuple:
+    """The first draws of image `index`: (its rng, advanced past them; background (size, size, 3); the digit's
+    box (top, left, side) in pixels). `render` continues from the returned rng."""
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2, index])
+    img = _background(rng, size)
+    side = int(rng.integers(SCALE_RANGE[0], SCALE_RANGE[1] + 1) * size / IMAGE_SIZE)
+    top, left = rng.integers(0, size - side + 1, 2)
+    return rng, img, (int(top), int(left), side)
+
+
+def digit_box(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> tuple:
+    """(top, left, side) in pixels of the square the digit of image `index` is drawn into (as `render` draws it)."""
+    return _placement(seed, split, index, size)[2]
+
+
 def render(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> tuple:
     """Image `index` of `split`: (uint8 array (size, size, 3), label, source digit index). Pure function."""
     from PIL import Image
 
     sources = source_split(seed)[split]
     images, labels = _digits()
-    rng = np.random.default_rng([seed, 1 if split == "train" else 2, index])
+    rng, img, (top, left, side) = _placement(seed, split, index, size)
     order = np.random.default_rng([seed, 3 if split == "train" else 4, index // len(sources)])
     src = int(sources[order.permutation(len(sources))[index % len(sources)]])
-    img = _background(rng, size)
-    side = int(rng.integers(SCALE_RANGE[0], SCALE_RANGE[1] + 1) * size / IMAGE_SIZE)
-    top, left = rng.integers(0, size - side + 1, 2)
     digit = Image.fromarray((images[src] * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     alpha = np.clip((np.asarray(digit, dtype=np.float32) / 255.0 - 0.25) / 0.4, 0, 1)  # crisp strokes, no box
     strokes = _strokes(rng, size, side, count=int(rng.integers(*STROKES_RANGE, endpoint=True)))

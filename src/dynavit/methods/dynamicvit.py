@@ -543,8 +543,9 @@ def dynamicvit_criterion(model: nn.Module, smoothing: float = 0.0, distill: bool
                          ratio_weight: Optional[float] = None) -> DynamicViTLoss:
     """The criterion `dynavit train` uses (the spec's factory): with the dense teacher unless distill is off;
     ratio_weight None = the authors' (2; 5 at DeiT-B's width)."""
-    kwargs = {"smoothing": smoothing} if ratio_weight is None else {"smoothing": smoothing,
-                                                                    "ratio_weight": float(ratio_weight)}
+    kwargs = {"smoothing": smoothing}
+    if ratio_weight is not None:
+        kwargs["ratio_weight"] = float(ratio_weight)
     if distill:
         return DynamicViTLoss.for_model(model, **kwargs)
     return DynamicViTLoss(None, model.reducer.keep_ratios, **kwargs)
@@ -582,7 +583,7 @@ def apply_dynamicvit(model: nn.Module, keep_rate: Union[float, Sequence[float]] 
             softmax with an all-ones policy, as the authors' training forward does (docs/dynamicvit.md).
         predictor_bias: the fresh predictors' last bias: 'zero' (the authors' init: p(keep) = 0.5 everywhere, so
             training starts below every target) or 'keep_ratio' (log [r_s, 1 - r_s] with r_s the stage's keep ratio
-            given the previous stage's, so training starts on target; docs/dynamicvit.md "Predictor bias").
+            given the previous stage's, so training starts on target; docs/dynamicvit.md "Short runs").
             Loaded weights replace it either way.
     """
     if predictor_bias not in PREDICTOR_BIASES:
