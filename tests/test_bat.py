@@ -376,3 +376,44 @@ def test_greedy_pairs_early_exit_stops_early(monkeypatch):
     static_calls, calls["n"] = calls["n"], 0
     _cluster.greedy_pairs(z, 20)
     assert calls["n"] < static_calls / 2
+
+
+@pytest.mark.parametrize("name", ["random", "random_rounded", *tie_sets()])
+def test_greedy_pairs_subgraph_equals_whole_matrix(name, monkeypatch):
+    """Large-batch matching among the most similar tokens (`_subgraph_pairs`) returns exactly the pairs of the
+    rounds on the whole matrix, and really matches on the subgraph when it can prove the result."""
+    g = torch.Generator().manual_seed(4)
+    z = {"random": torch.randn(6, 50, 8, generator=g),
+         "random_rounded": torch.randn(6, 50, 3, generator=g).round()}.get(name)
+    z = tie_sets()[name] if z is None else z
+    monkeypatch.setattr(_cluster, "SUBGRAPH_MIN_ENTRIES", 0)
+    shapes = []
+    real = _cluster._matching_rounds
+    monkeypatch.setattr(_cluster, "_matching_rounds", lambda sim, p, early_exit: (shapes.append(sim.shape[1]),
+                                                                                  real(sim, p, early_exit))[1])
+    K = z.shape[1]
+    for p in range(1, K // 2 + 1):
+        shapes.clear()
+        got = _cluster.greedy_pairs(z, p)
+        if name == "random" and p <= 8:
+            assert shapes == [25]  # half the tokens, no fallback to the whole matrix
+        assert torch.equal(got, _cluster.greedy_pairs(z, p, early_exit=False)), (name, p)
+    assert _cluster.greedy_pairs(z, 1).shape == (z.shape[0], 1, 2)
+
+
+def test_greedy_pairs_subgraph_on_model_features(monkeypatch):
+    """The same on the tokens a BAT model matches (features far more alike than random ones)."""
+    torch.manual_seed(0)
+    model = dynavit.create_model("vit", method="bat", img_size=64, patch_size=8, embed_dim=48, depth=12,
+                                 num_heads=3, num_classes=10, keep_rate=0.7).eval()
+    seen = []
+    real = _cluster.greedy_pairs
+    monkeypatch.setattr(_cluster, "greedy_pairs", lambda z, p, early_exit=None: (seen.append((z, p)),
+                                                                                 real(z, p, early_exit))[1])
+    with torch.no_grad():
+        model(torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    monkeypatch.undo()
+    monkeypatch.setattr(_cluster, "SUBGRAPH_MIN_ENTRIES", 0)
+    assert len(seen) == 3
+    for z, p in seen:
+        assert torch.equal(_cluster.greedy_pairs(z, p), _cluster.greedy_pairs(z, p, early_exit=False))

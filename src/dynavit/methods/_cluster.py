@@ -186,37 +186,55 @@ def may_sync(t: Tensor) -> bool:
 def greedy_pairs(z: Tensor, p: int, early_exit: Optional[bool] = None) -> Tensor:
     """The p most cosine-similar disjoint pairs of z (B, K, C), as greedy matching picks them -> (B, p, 2).
 
-    Greedy matching (repeatedly take the most similar remaining pair, remove both tokens) is computed in
-    rounds: every mutual nearest-neighbour pair among the remaining tokens belongs to it, so each round accepts
-    all of them at once. Rounds are over the whole batch and end once, in every image, the p best accepted
-    pairs beat every similarity still left. Each round accepts the most similar remaining pair of every image,
-    so that holds after p rounds at the latest: exactly p rounds run, and the rounds after the end change
+    Greedy matching (repeatedly take the most similar remaining pair, remove both tokens) is computed in rounds
+    (`_matching_rounds`): every mutual nearest-neighbour pair among the remaining tokens belongs to it, so each
+    round accepts all of them at once. Rounds are over the whole batch and end once, in every image, the p best
+    accepted pairs beat every similarity still left. Each round accepts the most similar remaining pair of every
+    image, so that holds after p rounds at the latest: exactly p rounds run, and the rounds after the end change
     nothing (a batch-wide `done` flag instead of a Python `break`). Shapes and control flow are static, so the
     function exports to ONNX and compiles with `torch.compile(fullgraph=True)`. Pairs come best first, the
     smaller position first within a pair; p <= K // 2.
 
-    early_exit: stop at the round where `done` turns true in every image (the result is the same: later rounds
-    accept nothing). None = where that test is free (`may_sync`: eager CPU); typically 3-5 rounds instead of p.
+    early_exit: take the data-dependent shortcuts, which return the same pairs: the rounds stop where `done`
+    turns true in every image (typically 3-5 rounds instead of p), and large batches first match among their
+    most similar tokens only (`_subgraph_pairs`). None = where that is free (`may_sync`: eager CPU).
     """
     B, K, _ = z.shape
     dev = z.device
     if p == 0:
         return torch.empty(B, 0, 2, dtype=torch.long, device=dev)
-    neg_inf = float("-inf")
     zn = torch.nn.functional.normalize(z.float(), dim=-1)
-    sim = zn @ zn.transpose(1, 2)  # (B, K, K)
-    sim = torch.nan_to_num((sim + sim.transpose(1, 2)) / 2, nan=neg_inf)  # exactly symmetric
-    # Masks are added as -inf / -0.0 (x + -0.0 == x bit for bit), and the nearest column is found with
-    # arithmetic: on CPU both are several times faster than masked_fill and max(dim) with indices.
-    sim.add_(torch.where(torch.eye(K, dtype=torch.bool, device=dev), neg_inf, -0.0))
+    sim = zn @ zn.transpose(1, 2)  # (B, K, K), symmetric up to rounding
+    early_exit = may_sync(z) if early_exit is None else bool(early_exit)
+    if early_exit and B * K * K >= SUBGRAPH_MIN_ENTRIES:
+        return _subgraph_pairs(sim, p)
+    edge, partner = _matching_rounds(_symmetric(sim), p, early_exit)
+    return _best_pairs(edge, partner, p)
+
+
+def _symmetric(sim: Tensor) -> Tensor:
+    """(sim + sim^T) / 2 with NaN -> -inf and -inf on the diagonal: the exactly symmetric similarities matched."""
+    K = sim.shape[-1]
+    out = torch.nan_to_num((sim + sim.transpose(-2, -1)) / 2, nan=float("-inf"))
+    # added as -inf / -0.0 (x + -0.0 == x bit for bit): on CPU several times faster than masked_fill
+    return out.add_(torch.where(torch.eye(K, dtype=torch.bool, device=sim.device), float("-inf"), -0.0))
+
+
+def _matching_rounds(sim: Tensor, p: int, early_exit: bool) -> tuple[Tensor, Tensor]:
+    """Greedy matching in rounds of mutual nearest neighbours on `_symmetric` similarities (B, K, K), which
+    it overwrites -> (edge (B, K): weight of the accepted pair (i, partner_i) at i < partner, -inf elsewhere;
+    partner (B, K), -1 for unmatched tokens)."""
+    B, K, _ = sim.shape
+    dev = sim.device
+    neg_inf = float("-inf")
+    # the nearest column is found with arithmetic: on CPU faster than max(dim) with indices
     pos = torch.arange(K, device=dev)
     rev = (K - pos).to(sim.dtype)  # K - j: the largest among tied columns marks the first one
     lowest = torch.finfo(sim.dtype).min
     work = torch.empty_like(sim)
     partner = torch.full((B, K), -1, dtype=torch.long, device=dev)
-    edge = torch.full((B, K), neg_inf, device=dev)  # weight of accepted pair (i, partner_i), at i < partner
+    edge = torch.full((B, K), neg_inf, device=dev)
     done = torch.zeros((), dtype=torch.bool, device=dev)
-    early_exit = may_sync(z) if early_exit is None else bool(early_exit)
     for r in range(p):
         best = sim.amax(dim=-1, keepdim=True)  # (B, K, 1)
         # sign(sim - best) is 0 at the row maximum, -1 elsewhere: key K - j there, K - j - 2K < 0 elsewhere
@@ -233,5 +251,52 @@ def greedy_pairs(z: Tensor, p: int, early_exit: Optional[bool] = None) -> Tensor
         edge = torch.where(mutual & (pos < nearest), best, edge)
         if r + 1 < p:
             sim.add_(torch.where(partner >= 0, neg_inf, -0.0).unsqueeze(1))  # matched tokens leave every row
-    first = edge.topk(p, dim=1).indices  # (B, p) best pairs first
+    return edge, partner
+
+
+def _best_pairs(edge: Tensor, partner: Tensor, p: int) -> Tensor:
+    """`_matching_rounds`' edge and partner (B, K) -> (B, p, 2) the p best pairs, best first."""
+    first = edge.topk(p, dim=1).indices  # (B, p)
     return torch.stack([first, torch.gather(partner, 1, first).clamp_min(0)], dim=-1)  # (-1 only for NaN input)
+
+
+# The subgraph pays off from about this many similarities per batch (B K^2; measured on a 2-core CPU, the
+# demo model's and DeiT-S's BAT stages): below it the rounds on the whole matrix are as fast.
+SUBGRAPH_MIN_ENTRIES = 2 ** 19
+
+
+def _subgraph_pairs(sim: Tensor, p: int, share: float = 0.5) -> Tensor:
+    """`greedy_pairs` (eager) matching first among the ceil(share * K) tokens most similar to any other.
+
+    Greedy matching takes pairs in descending similarity, so its first picks depend only on the pairs above any
+    threshold theta. u_i = (max_j sim_ij + max_j sim_ji) / 2 bounds every symmetric similarity of token i, so
+    every pair above theta = the (q + 1)-th largest u joins two of the q tokens of largest u: the rounds on
+    that (q, q) subgraph, with the pairs at or below theta removed, make exactly greedy's first picks. An
+    image's result is taken when it accepted p pairs, each strictly more similar than the next accepted one
+    (then the p best and their order are unique, whatever order topk gives equal weights); if one image is not,
+    the batch is matched on its whole matrix. sim (B, K, K) before symmetrisation; its diagonal is overwritten.
+    """
+    B, K, _ = sim.shape
+    dev = sim.device
+    neg_inf = float("-inf")
+    q = min(K - 1, max(2 * p + 2, math.ceil(share * K)))
+    sim.diagonal(dim1=1, dim2=2).fill_(neg_inf)
+    bound = (sim.amax(dim=-1) + sim.amax(dim=-2)) / 2  # (B, K) >= every (sim_ij + sim_ji) / 2 of row i
+    top, idx = bound.topk(q + 1, dim=1)
+    theta = top[:, -1:]  # (B, 1); NaN (a NaN token) fails the checks below
+    idx = idx[:, :q].sort(dim=1).values  # (B, q) ascending: pair order and ties as in the whole matrix
+    rows = sim.reshape(B * K, K).index_select(0, (idx + torch.arange(B, device=dev).unsqueeze(1) * K).reshape(-1))
+    sub = torch.gather(rows.view(B, q, K), 2, idx.unsqueeze(1).expand(B, q, q))  # (B, q, q) = sim[b, idx, idx]
+    sub = torch.nan_to_num((sub + sub.transpose(1, 2)) / 2, nan=neg_inf)  # the whole matrix's exact values
+    sub = torch.where(sub > theta.unsqueeze(-1), sub, neg_inf)  # (the diagonal is -inf already)
+    edge, partner = _matching_rounds(sub, p, early_exit=True)
+    won = edge.sort(dim=1, descending=True).values[:, :p + 1]  # accepted weights, best first
+    n_won = (won > neg_inf).sum(dim=1)
+    strict = (won[:, :-1] > won[:, 1:]) | (torch.arange(1, won.shape[1], device=dev) >= n_won.unsqueeze(1))
+    good = (n_won >= p) & strict.all(dim=1)  # (B,)
+    first = edge.topk(p, dim=1).indices  # (B, p) in subgraph positions
+    pairs = torch.stack([torch.gather(idx, 1, first),
+                         torch.gather(idx, 1, torch.gather(partner, 1, first).clamp_min(0))], dim=-1)
+    if not bool(good.all()):  # the whole batch (the rounds couple images through the order of ties)
+        return _best_pairs(*_matching_rounds(_symmetric(sim), p, early_exit=True), p)
+    return pairs
