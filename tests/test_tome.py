@@ -167,3 +167,89 @@ def test_merge_by_size_equals_merge_tokens(dtype, grad, B, P, with_sizes):
         (ref.x * w).sum().backward()
         (got.x * w).sum().backward()
         assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("H", [1, 2, 3, 4, 6, 8, 12])
+def test_head_mean_equals_mean_over_heads(H):
+    """The keys ToMe / BAT match on: head_mean is k.mean(dim=1) bit for bit, on the strided view attention has."""
+    from dynavit.layers import head_mean
+
+    g = torch.Generator().manual_seed(H)
+    for B, T, d in ((3, 197, 64), (2, 50, 16), (1, 7, 32)):
+        qkv = torch.randn(B, T, 3 * H * d, generator=g) * 10
+        k = qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)[1]  # (B, H, T, d) as in Attention.forward
+        before = qkv.clone()
+        assert torch.equal(head_mean(k), k.mean(dim=1))
+        assert torch.equal(qkv, before)  # no write into the attention's qkv
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_bipartite_plan_fast_path_names_its_slots(ties):
+    """The eager top-k plan equals the sorted one (the indexed reference) and its primary / src / dst agree
+    with its group map; with tied scores the sorted path runs (no primary)."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(3, 61, 8, generator=g)
+    if ties:
+        keys = keys.round().clamp(-1, 1)  # few distinct directions: tied best scores
+    for r in (1, 7, 29, 30):
+        plan = bipartite_plan(keys, r, num_prefix=1)
+        group, G = old_bipartite_group(keys, r, 1)
+        assert torch.equal(plan.group, group) and plan.num_groups == G
+        if plan.primary is None:
+            assert ties or r == 30  # every A token merges: nothing to gain
+            continue
+        assert torch.equal(torch.gather(plan.group, 1, plan.src), plan.dst)
+        assert torch.equal(torch.gather(plan.group, 1, plan.primary), torch.arange(G).expand(3, G))
+    if not ties:
+        assert bipartite_plan(keys, 7, num_prefix=1).primary is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,P", [(1, 1), (3, 1), (2, 2), (4, 0)])
+def test_merge_into_partners_equals_merge_by_size(dtype, B, P):
+    """The inference merge: merge_by_size's values up to rounding, the same sizes and patch map, and tokens that
+    receive no partner pass bit for bit."""
+    from dynavit.methods.tome import merge_by_size, merge_into_partners
+    from dynavit.tokens import TokenState
+
+    g = torch.Generator().manual_seed(10 * B + P)
+    T, C = 41, 12
+    keys = torch.randn(B, P + T, 8, generator=g)
+    x = torch.randn(B, P + T, C, generator=g).to(dtype)
+    for r in (1, 6, 19):
+        plan = bipartite_plan(keys, r, num_prefix=P)
+
+        def state():
+            st = TokenState.from_tokens(x.clone(), P)
+            st.sizes = torch.randint(1, 5, (B, P + T, 1), generator=torch.Generator().manual_seed(8)).float()
+            st.patch_to_token = torch.randint(0, T, (B, 3 * T), generator=torch.Generator().manual_seed(9))
+            return st
+
+        ref = merge_by_size(state(), plan.group, plan.num_groups)
+        got = merge_into_partners(state(), plan)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got.x, ref.x, **tol)
+        assert torch.equal(got.sizes, ref.sizes) and torch.equal(got.patch_to_token, ref.patch_to_token)
+        receives = torch.zeros(B, plan.num_groups, dtype=torch.bool).scatter_(1, plan.dst, True)
+        own = torch.gather(x[:, P:], 1, plan.primary.unsqueeze(-1).expand(-1, -1, C))
+        assert torch.equal(got.x[:, P:][~receives], own[~receives]) and torch.equal(got.x[:, :P], x[:, :P])
+
+
+def test_tome_inference_merge_matches_the_training_merge(monkeypatch):
+    """A ToMe model in inference (merge_into_partners) gives the logits of the generic merge."""
+    from dynavit.methods import tome
+
+    torch.manual_seed(0)
+    model = dynavit.create_model("vit", method="tome", r=6, img_size=64, patch_size=8, embed_dim=48, depth=6,
+                                 num_heads=3, num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = tome.merge_into_partners
+    monkeypatch.setattr(tome, "merge_into_partners", lambda s, p: (calls.append(1), real(s, p))[1])
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == 6
+    monkeypatch.setattr(tome, "merge_into_partners", lambda s, p: tome.merge_by_size(s, p.group, p.num_groups))
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -111,9 +111,22 @@ class Attention(nn.Module):
             mask = attn_bias.to(q.dtype) if attn_bias is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         cls_attn = class_attention(q[:, :, :1], k, self.scale, attn_bias) if need_cls_attn else None
-        keys = k.mean(dim=1) if need_keys else None
+        keys = head_mean(k) if need_keys else None
         out = self.proj(out.transpose(1, 2).reshape(B, T, C))
         return out, cls_attn, keys
+
+
+def head_mean(k: Tensor) -> Tensor:
+    """k (B, H, T, d) -> (B, T, d), the mean over heads (ToMe's and BAT's head-averaged keys), added head by head:
+    k.mean(dim=1)'s value (up to 4 heads its sum runs in the same order; tested) at a fraction of its cost on a
+    strided view."""
+    H = k.shape[1]
+    if H < 2 or H > 4:
+        return k.mean(dim=1)
+    total = k[:, 0] + k[:, 1]
+    for h in range(2, H):
+        total += k[:, h]
+    return total.div_(H)
 
 
 class Block(nn.Module):

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import argsort_desc
+from ._cluster import may_sync
 from ..recipes import Recipe
 from ..reduction import TokenReducer
 from ..registry import register_method
-from ..tokens import TokenState, remap_patches
+from ..tokens import TokenState, gather_tokens, remap_patches
 
 RSpec = Union[int, Sequence[int], tuple]
 
@@ -69,17 +70,28 @@ def check_schedule(sched: list[int], num_patches: int) -> None:
 
 @dataclass
 class MatchPlan:
-    """Which token goes where: group (B, T) output slot of every non-prefix token; num_groups = T - r."""
+    """Which token goes where: group (B, T) output slot of every non-prefix token; num_groups = T - r.
+
+    Inference plans also name the tokens by slot, for `merge_into_partners`: primary (B, T - r) the token that
+    opens each output slot (the unmerged A tokens, then every B token), src (B, r) the merged A tokens and dst
+    (B, r) the slot each joins.
+    """
 
     group: Tensor
     num_groups: int
+    primary: Optional[Tensor] = None
+    src: Optional[Tensor] = None
+    dst: Optional[Tensor] = None
 
 
 @torch.no_grad()
 def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     """ToMe's bipartite soft matching on keys (B, P+T, d) (prefix tokens excluded) -> MatchPlan.
 
-    A = non-prefix tokens at even positions of the full sequence, B = odd positions (the authors' split).
+    A = non-prefix tokens at even positions of the full sequence, B = odd positions (the authors' split). The r
+    A tokens with the most similar partner merge (ties: the earlier token, a stable sort). Where reading a value
+    costs no device sync (eager CPU) and the r-th best score beats the next one, the r best come from a top-k and
+    only their partners are looked up: the same plan, a fraction of the work.
     """
     B, L, _ = keys.shape
     T, P = L - num_prefix, num_prefix
@@ -89,15 +101,28 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     # token t sits at position P + t: even positions start at t = P % 2 (strided slices: views, static shapes)
     a0, b0 = P % 2, (P + 1) % 2
     scores = metric[:, a0::2] @ metric[:, b0::2].transpose(1, 2)  # (B, Na, Nb)
+    Na, n_b = scores.shape[1], scores.shape[2]
+    n_unm = Na - r
+    group = torch.empty(B, T, dtype=torch.long, device=dev)
+    slot_a = group[:, a0::2]  # (B, Na) view: output slot of each A token, written in place
+    group[:, b0::2] = torch.arange(n_unm, n_unm + n_b, device=dev)
+    if 0 < r < Na and may_sync(keys):
+        node_max = scores.amax(dim=-1)  # (B, Na)
+        best, src = node_max.topk(r + 1, dim=1)
+        if bool((best[:, r - 1] > best[:, r]).all()):  # the r best are unique: the stable sort's set
+            src = src[:, :r]
+            rows = scores.reshape(B * Na, n_b).index_select(0, (src + torch.arange(B, device=dev)[:, None] * Na).view(-1))
+            dst = n_unm + rows.argmax(dim=-1).view(B, r)  # = max(dim=-1).indices: the first maximum
+            merged = torch.zeros(B, Na, dtype=torch.bool, device=dev).scatter_(1, src, True)
+            slot_a.copy_((~merged).cumsum(dim=1) - 1).scatter_(1, src, dst)  # unmerged A tokens in order
+            unm = (~merged).nonzero()[:, 1].view(B, n_unm)  # (B, n_unm) ascending A positions
+            primary = torch.cat([a0 + 2 * unm, torch.arange(b0, T, 2, device=dev).expand(B, n_b)], dim=1)
+            return MatchPlan(group, n_unm + n_b, primary, a0 + 2 * src, dst)
     node_max, node_idx = scores.max(dim=-1)  # (B, Na)
     order = argsort_desc(node_max)  # (B, Na), stable: ties keep the earlier token first
     src, unm = order[:, :r], order[:, r:].sort(dim=-1).values  # A positions
-    n_unm, n_b = unm.shape[1], scores.shape[2]
-    group = torch.empty(B, T, dtype=torch.long, device=dev)
-    slot_a = group[:, a0::2]  # (B, Na) view: output slot of each A token, written in place
     slot_a.scatter_(1, unm, torch.arange(n_unm, device=dev).expand(B, n_unm))
     slot_a.scatter_(1, src, n_unm + torch.gather(node_idx, 1, src))
-    group[:, b0::2] = torch.arange(n_unm, n_unm + n_b, device=dev)
     return MatchPlan(group, n_unm + n_b)
 
 
@@ -129,6 +154,37 @@ def merge_by_size(state: TokenState, group: Tensor, num_groups: int) -> TokenSta
     return state
 
 
+@torch.no_grad()
+def merge_into_partners(state: TokenState, plan: MatchPlan) -> TokenState:
+    """ToMe's size-weighted merge (inference, a plan with `primary`): each output slot starts as a copy of its
+    primary token and only the r slots that receive a merged token are recomputed, as
+    (x_dst s_dst + sum x_src s_src) / (s_dst + sum s_src). The value of `merge_by_size` up to rounding (the
+    authors' order of the sum: the slot's own token first); tokens that merge with nothing pass bit for bit.
+    """
+    P, x = state.num_prefix, state.x
+    B, C, G, r = x.shape[0], x.shape[2], plan.num_groups, plan.src.shape[1]
+    dev = x.device
+    sizes = state.patch_sizes()  # (B, T) float32
+    offset = torch.arange(B, device=dev).unsqueeze(1)
+    opening = torch.cat([torch.arange(P, device=dev).expand(B, P), plan.primary + P], dim=1)  # (B, P + G)
+    out = gather_tokens(x, opening)  # (B, P + G, C): prefix, then each slot's primary token
+    own = torch.gather(sizes, 1, plan.primary)  # (B, G) size of each slot's primary token
+    w_src = torch.gather(sizes, 1, plan.src)  # (B, r)
+    new_sizes = own.scatter_add(1, plan.dst, w_src)
+    slots, inverse = torch.unique(plan.dst + offset * G, return_inverse=True)  # (U,) receiving slots, flat
+    flat = out.view(B * (P + G), C)
+    rows_out = slots // G * (P + G) + P + slots % G  # those slots as rows of out
+    numer = flat.index_select(0, rows_out) * own.view(-1)[slots].unsqueeze(-1).to(x.dtype)  # (U, C)
+    src_rows = (plan.src + P + offset * x.shape[1]).view(-1)
+    numer.index_add_(0, inverse.view(-1), x.reshape(-1, C).index_select(0, src_rows) * w_src.view(-1, 1).to(x.dtype))
+    flat.index_copy_(0, rows_out, numer / new_sizes.view(-1)[slots].unsqueeze(-1).to(x.dtype))
+    prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
+    state.x = out
+    state.sizes = torch.cat([prefix_sizes, new_sizes.unsqueeze(-1)], dim=1)
+    state.patch_to_token = remap_patches(state.patch_to_token, plan.group)
+    return state
+
+
 class ToMeReducer(TokenReducer):
     name = "tome"
     keep_rate_hint = "ToMe merges r tokens per block: change it with model.reducer.set_r(r)"
@@ -155,7 +211,10 @@ class ToMeReducer(TokenReducer):
         if r <= 0:
             return state
         plan = bipartite_plan(keys, r, state.num_prefix)
-        state = merge_by_size(state, plan.group, plan.num_groups)  # = merge_tokens(..., sizes, normalize=True)
+        if plan.primary is not None and not (torch.is_grad_enabled() and state.x.requires_grad):
+            state = merge_into_partners(state, plan)  # inference: only the r receiving slots are recomputed
+        else:
+            state = merge_by_size(state, plan.group, plan.num_groups)  # = merge_tokens(..., sizes, normalize=True)
         state.record_stage()
         return state
 
