@@ -277,7 +277,9 @@ def old_greedy_pairs(z, p):
         edge = torch.where(mutual & (pos < nearest), best, edge)
         gone = partner >= 0
         sim.masked_fill_(gone.unsqueeze(1) | gone.unsqueeze(2), float("-inf"))
-    first = edge.topk(p, dim=1).indices
+    # (the one change since: equal similarities in the order of their first positions, a stable sort, where
+    # topk left the order of ties unspecified; it is now the library's rule)
+    first = edge.argsort(dim=1, descending=True, stable=True)[:, :p]
     return torch.stack([first, torch.gather(partner, 1, first).clamp_min(0)], dim=-1), rounds
 
 

@@ -181,6 +181,16 @@ def test_bench_cli_writes_the_issue_schema(tmp_path, capsys, fake_method):
     assert "| dense |" in printed and "| fake_topk:0.5 |" in printed
 
 
+def test_bench_cli_b1_repeats_zero_skips_the_latency(tmp_path, fake_method):
+    """`--b1-repeats 0` is what its help says: no batch-1 rounds (it was refused as below 1)."""
+    out = tmp_path / "out.json"
+    rc = main(["bench", "--model", "tiny_vit", "--method", "dense", "--method", "fake_topk:0.5", "--batch-size", "2",
+               "--img-size", "64", "--repeats", "1", "--warmup", "0", "--b1-repeats", "0", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["latency_ms_b1"] for r in rows] == [None, None]
+
+
 def test_bench_cli_bad_spec_is_one_line_error(capsys, fake_method):
     assert main(["bench", "--model", "tiny_vit", "--method", "fake_topk:2"]) == 2
     err = capsys.readouterr().err

@@ -220,6 +220,8 @@ def test_demo_quick_smoke(tmp_path):
         dit_row = next(r for r in res["rows"] if r["method"] == "dit")
         assert "twin_top1" in dit_row and "twin_gmacs" in dit_row and ("dit", 0.5) in methods
         assert 0 <= dit_row["pvt_top1"] <= 100  # demo_pvt, the dense PVTv2 the DiT was fine-tuned from
+        # timed on validation images, whose widest routes set what a batch executes (at least the mean cost)
+        assert dit_row["executed_gmacs"] >= 0.99 * dit_row["gmacs"] and res["config"]["bench_batch"] == 32
     for m in ("dynamicvit", "evit", "bat", "tome"):
         assert {(m, 0.7), (m, 0.5)} <= set(methods)
     for r in res["rows"]:
@@ -342,3 +344,13 @@ def test_demo_and_bench_re_execute_only_when_typed_as_commands(monkeypatch):
                                     (["/venv/bin/pytest", "demo"], "demo", False)):
         monkeypatch.setattr("sys.argv", argv)
         assert launched_as(command) is expected, argv
+
+
+def test_demo_times_real_validation_images():
+    """The timed batch is the validation images themselves (cycled when there are fewer), as the models see them."""
+    from dynavit.demo import bench_batch
+
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    batch = bench_batch(images, 12)
+    assert batch.shape == (12, 3, 16, 16) and batch.dtype == torch.float32
+    assert torch.equal(batch[5:10], batch[:5]) and not torch.equal(batch[0], batch[1])

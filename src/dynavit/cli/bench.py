@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train", action="store_true", help="time training steps (forward + backward) instead")
     p.add_argument("--repeats", type=number(int, ">=1"), default=9, help="timed interleaved rounds (median reported)")
     p.add_argument("--warmup", type=number(int, ">=0"), default=2, help="discarded rounds before timing")
-    p.add_argument("--b1-repeats", type=number(int, ">=1"), default=None,
+    p.add_argument("--b1-repeats", type=number(int, ">=0"), default=None,
                    help="batch-1 latency rounds (default 21; 0 in --train mode; 0 = skip)")
     p.add_argument("--reducer-share", action="store_true",
                    help="also time each reducer's hooks alone and report their share of the model time")

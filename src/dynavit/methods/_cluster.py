@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import onnx_exporting
+from ..ops import argsort_desc, onnx_exporting
 
 DENSITIES = ("knn", "gaussian")
 ASSIGNMENTS = ("nearest", "chain")
@@ -255,8 +255,9 @@ def _matching_rounds(sim: Tensor, p: int, early_exit: bool) -> tuple[Tensor, Ten
 
 
 def _best_pairs(edge: Tensor, partner: Tensor, p: int) -> Tensor:
-    """`_matching_rounds`' edge and partner (B, K) -> (B, p, 2) the p best pairs, best first."""
-    first = edge.topk(p, dim=1).indices  # (B, p)
+    """`_matching_rounds`' edge and partner (B, K) -> (B, p, 2) the p best pairs, best first; equal similarities
+    in the order of their first positions (a stable sort: topk's order of ties is unspecified)."""
+    first = argsort_desc(edge)[:, :p]  # (B, p)
     return torch.stack([first, torch.gather(partner, 1, first).clamp_min(0)], dim=-1)  # (-1 only for NaN input)
 
 
@@ -272,9 +273,10 @@ def _subgraph_pairs(sim: Tensor, p: int, share: float = 0.5) -> Tensor:
     threshold theta. u_i = (max_j sim_ij + max_j sim_ji) / 2 bounds every symmetric similarity of token i, so
     every pair above theta = the (q + 1)-th largest u joins two of the q tokens of largest u: the rounds on
     that (q, q) subgraph, with the pairs at or below theta removed, make exactly greedy's first picks. An
-    image's result is taken when it accepted p pairs, each strictly more similar than the next accepted one
-    (then the p best and their order are unique, whatever order topk gives equal weights); if one image is not,
-    the batch is matched on its whole matrix. sim (B, K, K) before symmetrisation; its diagonal is overwritten.
+    image's result is taken when it accepted p pairs and the p-th is strictly more similar than the next
+    accepted one (then the p best are those of the whole matrix; the subgraph keeps the tokens' order, so
+    equal similarities come in the same order); if one image is not, the batch is matched on its whole matrix.
+    sim (B, K, K) before symmetrisation; its diagonal is overwritten.
     """
     B, K, _ = sim.shape
     dev = sim.device
@@ -290,11 +292,12 @@ def _subgraph_pairs(sim: Tensor, p: int, share: float = 0.5) -> Tensor:
     sub = torch.nan_to_num((sub + sub.transpose(1, 2)) / 2, nan=neg_inf)  # the whole matrix's exact values
     sub = torch.where(sub > theta.unsqueeze(-1), sub, neg_inf)  # (the diagonal is -inf already)
     edge, partner = _matching_rounds(sub, p, early_exit=True)
-    won = edge.sort(dim=1, descending=True).values[:, :p + 1]  # accepted weights, best first
+    won = edge.topk(min(p + 1, q), dim=1).values  # (B, <= p + 1) accepted weights, best first
     n_won = (won > neg_inf).sum(dim=1)
-    strict = (won[:, :-1] > won[:, 1:]) | (torch.arange(1, won.shape[1], device=dev) >= n_won.unsqueeze(1))
-    good = (n_won >= p) & strict.all(dim=1)  # (B,)
-    first = edge.topk(p, dim=1).indices  # (B, p) in subgraph positions
+    # p accepted, the p-th strictly better than the next accepted one (a tie there: which of the tied pairs the
+    # rounds keep depends on where they stopped)
+    good = (n_won >= p) & ((n_won == p) | (won[:, p - 1] > won[:, min(p, q - 1)]))  # (B,)
+    first = argsort_desc(edge)[:, :p]  # (B, p) in subgraph positions, ties by position as in the whole matrix
     pairs = torch.stack([torch.gather(idx, 1, first),
                          torch.gather(idx, 1, torch.gather(partner, 1, first).clamp_min(0))], dim=-1)
     if not bool(good.all()):  # the whole batch (the rounds couple images through the order of ties)

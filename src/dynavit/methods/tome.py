@@ -72,7 +72,7 @@ def check_schedule(sched: list[int], num_patches: int) -> None:
 class MatchPlan:
     """Which token goes where: group (B, T) output slot of every non-prefix token; num_groups = T - r.
 
-    Inference plans also name the tokens by slot, for `merge_into_partners`: primary (B, T - r) the token that
+    Eager plans also name the tokens by slot, for `merge_into_partners`: primary (B, T - r) the token that
     opens each output slot (the unmerged A tokens, then every B token), src (B, r) the merged A tokens and dst
     (B, r) the slot each joins.
     """
@@ -90,8 +90,8 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
 
     A = non-prefix tokens at even positions of the full sequence, B = odd positions (the authors' split). The r
     A tokens with the most similar partner merge (ties: the earlier token, a stable sort). Where reading a value
-    costs no device sync (eager CPU) and the r-th best score beats the next one, the r best come from a top-k and
-    only their partners are looked up: the same plan, a fraction of the work.
+    costs no device sync (eager CPU), the r best come from a top-k (sorted only in images where the r-th best
+    ties the next) and only their partners are looked up: the same plan, a fraction of the work.
     """
     B, L, _ = keys.shape
     T, P = L - num_prefix, num_prefix
@@ -109,15 +109,18 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     if 0 < r < Na and may_sync(keys):
         node_max = scores.amax(dim=-1)  # (B, Na)
         best, src = node_max.topk(r + 1, dim=1)
-        if bool((best[:, r - 1] > best[:, r]).all()):  # the r best are unique: the stable sort's set
-            src = src[:, :r]
-            rows = scores.reshape(B * Na, n_b).index_select(0, (src + torch.arange(B, device=dev)[:, None] * Na).view(-1))
-            dst = n_unm + rows.argmax(dim=-1).view(B, r)  # = max(dim=-1).indices: the first maximum
-            merged = torch.zeros(B, Na, dtype=torch.bool, device=dev).scatter_(1, src, True)
-            slot_a.copy_((~merged).cumsum(dim=1) - 1).scatter_(1, src, dst)  # unmerged A tokens in order
-            unm = (~merged).nonzero()[:, 1].view(B, n_unm)  # (B, n_unm) ascending A positions
-            primary = torch.cat([a0 + 2 * unm, torch.arange(b0, T, 2, device=dev).expand(B, n_b)], dim=1)
-            return MatchPlan(group, n_unm + n_b, primary, a0 + 2 * src, dst)
+        src = src[:, :r]  # the stable sort's set where the r-th best beats the next; else sort that image
+        tied = (~(best[:, r - 1] > best[:, r])).nonzero().squeeze(1)
+        if tied.numel():
+            src[tied] = argsort_desc(node_max[tied])[:, :r]
+        flat_src = (src + torch.arange(B, device=dev)[:, None] * Na).view(-1)
+        rows = scores.reshape(B * Na, n_b).index_select(0, flat_src)  # (B r, Nb) the merged tokens' scores
+        dst = n_unm + rows.argmax(dim=-1).view(B, r)  # = max(dim=-1).indices: the first maximum
+        merged = torch.zeros(B, Na, dtype=torch.bool, device=dev).scatter_(1, src, True)
+        slot_a.copy_((~merged).cumsum(dim=1) - 1).scatter_(1, src, dst)  # unmerged A tokens in order
+        unm = (~merged).nonzero()[:, 1].view(B, n_unm)  # (B, n_unm) ascending A positions
+        primary = torch.cat([a0 + 2 * unm, torch.arange(b0, T, 2, device=dev).expand(B, n_b)], dim=1)
+        return MatchPlan(group, n_unm + n_b, primary, a0 + 2 * src, dst)
     node_max, node_idx = scores.max(dim=-1)  # (B, Na)
     order = argsort_desc(node_max)  # (B, Na), stable: ties keep the earlier token first
     src, unm = order[:, :r], order[:, r:].sort(dim=-1).values  # A positions
