@@ -187,7 +187,7 @@ def test_bench_cli_b1_repeats_zero_skips_the_latency(tmp_path, fake_method):
     rc = main(["bench", "--model", "tiny_vit", "--method", "dense", "--method", "fake_topk:0.5", "--batch-size", "2",
                "--img-size", "64", "--repeats", "1", "--warmup", "0", "--b1-repeats", "0", "--json", str(out)])
     assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text())["results"]
     assert [r["latency_ms_b1"] for r in rows] == [None, None]
 
 
