@@ -53,7 +53,7 @@ class DemoConfig:
     dynamicvit_steps: int = 150  # live DynamicViT fine-tuning steps per keep rate (batch 32)
     val_images: int = 2000
     bench_batch: int = 128  # width 64: at 32 per-op fixed costs take 10-15 % of a pruned model (docs/demo.md)
-    bench_repeats: int = 5
+    bench_repeats: int = 7
     viz_images: int = 4
     seed: int = 0
     backbone: str = "demo_vit"

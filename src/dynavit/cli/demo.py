@@ -47,7 +47,7 @@ def run(args) -> int:
     keep_rates = tuple(check_keep_rate(k, "--keep-rates") for k in args.keep_rates)
     cfg = DemoConfig(output=args.output, quick=args.quick, keep_rates=keep_rates, seed=args.seed,
                      val_images=args.val_images or (300 if args.quick else 2000),
-                     bench_repeats=3 if args.quick else 5, bench_batch=32 if args.quick else 128)
+                     bench_repeats=3 if args.quick else 7, bench_batch=32 if args.quick else 128)
     for name in ("dynamicvit_steps", "val_images"):
         value = getattr(args, name)
         if value is not None:
