@@ -9,7 +9,7 @@ import dynavit
 from dynavit.errors import ConfigError
 from dynavit.flops import count_flops
 from dynavit.losses_dit import BudgetCriterion, DiTBudgetLoss
-from dynavit.models.dit import down_subset, dwconv_at, stage_activity
+from dynavit.models.dit import down_subset, stage_activity
 from dynavit.train.criterion import build_criterion
 
 
@@ -305,21 +305,6 @@ def test_budget_criterion_applies_the_warmup():
     crit = BudgetCriterion(DiTBudgetLoss(weight=3.0, warmup=0.5))
     crit.set_progress(0.45)
     assert crit(x, (logits, info), y).item() == pytest.approx(ce, rel=1e-6)
-
-
-def test_dwconv_at_active_positions_sees_zeros_elsewhere():
-    conv = torch.nn.Conv2d(6, 6, 3, 1, 1, groups=6)
-    size, B = (5, 7), 2
-    active = torch.rand(B, 35) > 0.5
-    h = torch.randn(B, 35, 6)
-    dense = conv((h * active.unsqueeze(-1)).transpose(1, 2).reshape(B, 6, *size)).flatten(2).transpose(1, 2)
-    k = int(active.sum(1).max())
-    index = torch.argsort((~active).int(), dim=1, stable=True)[:, :k]
-    valid = (torch.arange(k) < active.sum(1, keepdim=True)).unsqueeze(-1)
-    hq = torch.gather(h, 1, index.unsqueeze(-1).expand(-1, -1, 6)) * valid  # padding slots carry zeros
-    out = dwconv_at(hq, index, size, conv)
-    expect = torch.gather(dense, 1, index.unsqueeze(-1).expand(-1, -1, 6))
-    torch.testing.assert_close(out[valid.expand_as(out)], expect[valid.expand_as(out)], atol=1e-5, rtol=0)
 
 
 def test_down_subset_equals_the_conv_at_those_tokens():

@@ -73,17 +73,6 @@ def kv_cells(reached: Tensor, size: Size, sr: int) -> Optional[Tensor]:
     return m | ~m.any(1, keepdim=True)  # an image with no reached token: any keys (its queries are padding)
 
 
-def dwconv_at(h: Tensor, index: Tensor, size: Size, conv: nn.Conv2d) -> Tensor:
-    """Depth-wise 3x3 conv of a map that is h (B, k, Ch) at `index` (B, k) and 0 elsewhere, read at `index`.
-
-    The conv runs over the whole map (9 Ch MACs per position: a per-node fixed cost, docs/dit.md section 5).
-    """
-    B, k, Ch = h.shape
-    full = h.new_zeros(B, size[0] * size[1], Ch)
-    full.scatter_(1, index.unsqueeze(-1).expand(-1, -1, Ch), h)
-    return gather_tokens(to_tokens(conv(to_map(full, size))), index)
-
-
 def block_masked(blk: PvtBlock, x: Tensor, xn: Tensor, size: Size, m: Optional[Tensor] = None,
                  kv_mask: Optional[Tensor] = None) -> Tensor:
     """docs/dit.md section 4 on the whole map: x (B, N, C), xn = norm1(x), m (B, N, 1) gate (None = all run)."""
@@ -98,24 +87,40 @@ def block_masked(blk: PvtBlock, x: Tensor, xn: Tensor, size: Size, m: Optional[T
 
 def block_subset(blk: PvtBlock, x: Tensor, xn: Tensor, size: Size, index: Tensor, valid: Tensor,
                  kv_mask: Optional[Tensor] = None) -> Tensor:
-    """The same block run only on tokens `index` (B, k) (valid (B, k, 1): padding slots False); scatter back."""
-    xq = gather_tokens(x, index)  # (B, k, C)
-    y = xq + blk.attn(xn, size, query=gather_tokens(xn, index), kv_mask=kv_mask)  # keys / values: full map
-    h = blk.mlp.fc1(blk.norm2(y)) * valid
-    h = blk.mlp.fc2(blk.mlp.act(dwconv_at(h, index, size, blk.mlp.dwconv)))
-    y = torch.where(valid, y + h, xq)
-    return x.scatter(1, index.unsqueeze(-1).expand_as(y), y)
+    """The same block run only on tokens `index` (B, k) (valid (B, k, 1): padding slots False); scatter back.
+
+    The attention runs on the (B, k) padded queries; the MLP (fc1, fc2: most of a token's MACs at PVTv2's MLP
+    ratio 8) on the valid tokens of the whole batch packed into one list, so a batch pays for the tokens its
+    images route there, not k per image.
+    """
+    B, k = index.shape
+    N, C = x.shape[1], x.shape[2]
+    y = gather_tokens(x, index) + blk.attn(xn, size, query=gather_tokens(xn, index), kv_mask=kv_mask)  # (B, k, C)
+    packed = valid.reshape(-1).nonzero().squeeze(1)  # (n,) valid slots of (B k)
+    rows = (index + torch.arange(B, device=x.device).unsqueeze(1) * N).reshape(-1).index_select(0, packed)
+    y = y.reshape(B * k, C).index_select(0, packed)  # (n, C)
+    h = blk.mlp.fc1(blk.norm2(y))  # (n, hidden)
+    full = h.new_zeros(B * N, h.shape[1]).index_copy_(0, rows, h)  # the map, 0 where no token runs
+    h = to_tokens(blk.mlp.dwconv(to_map(full.view(B, N, -1), size))).reshape(B * N, -1).index_select(0, rows)
+    y = y + blk.mlp.fc2(blk.mlp.act(h))
+    return x.reshape(B * N, C).index_copy(0, rows, y).view(B, N, C)
 
 
 def down_subset(down: OverlapPatchEmbed, fine: Tensor, index: Tensor) -> Tensor:
     """The stride-2 patch embedding of map `fine` (B, C, H, W) evaluated only at next-scale tokens `index` (B, k).
 
-    im2col of the 3x3 windows at those positions, then one matmul (9 C C' MACs per token) and the LayerNorm.
+    The 3x3 windows at those positions gathered from the zero-padded map in token layout (9 rows per token, not
+    an im2col of the whole map), then one matmul (9 C C' MACs per token) and the LayerNorm.
     """
     conv = down.proj
-    cols = F.unfold(fine, 3, padding=1, stride=2)  # (B, 9C, N'), channel-major like conv.weight
-    cols = torch.gather(cols, 2, index.unsqueeze(1).expand(-1, cols.shape[1], -1)).transpose(1, 2)  # (B, k, 9C)
-    return down.norm(F.linear(cols, conv.weight.flatten(1), conv.bias))
+    B, C, H, W = fine.shape
+    k, Wn, Wp = index.shape[1], (W - 1) // 2 + 1, W + 2
+    padded = F.pad(fine, (1, 1, 1, 1)).permute(0, 2, 3, 1).reshape(B, (H + 2) * Wp, C)  # (B, (H+2)(W+2), C)
+    corner = 2 * torch.div(index, Wn, rounding_mode="floor") * Wp + 2 * (index % Wn)  # window's top-left
+    window = (torch.arange(3, device=index.device).unsqueeze(1) * Wp + torch.arange(3, device=index.device)).view(-1)
+    cols = gather_tokens(padded, (corner.unsqueeze(-1) + window).view(B, 9 * k)).view(B, k, 9 * C)  # (dy, dx, c)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], 9 * C)  # the same (dy, dx, c) order
+    return down.norm(F.linear(cols, weight, conv.bias))
 
 
 @dataclass
@@ -136,6 +141,7 @@ class NodeCost:
     fixed: float  # SR conv + kv projection + depth-wise conv over the map, once if any token runs the block
     token: float  # per token that runs the block: q, attention, proj, fc1, fc2
     down: float  # per next-scale token made by this node's patch embedding: conv 3x3 C -> C'
+    mlp: float = 0.0  # the fc1 + fc2 part of `token` (run packed over the batch by block_subset)
 
 
 def block_cost(dim: int, hidden: int, size: Size, sr: int) -> tuple:
@@ -318,7 +324,8 @@ class DiT(PyramidVisionTransformerV2):
             fixed, token = block_cost(dims[i], int(dims[i] * self.mlp_ratios[i]), sizes[i], self.sr_ratios[i]) \
                 if self.has_block(i, j) else (0, 0)
             down = 9 * dims[i] * dims[i + 1] if self.has_down(i, j) else 0
-            costs.append(NodeCost(2 * dims[i] / 1e9, fixed / 1e9, token / 1e9, down / 1e9))
+            mlp = 2 * dims[i] * int(dims[i] * self.mlp_ratios[i]) if self.has_block(i, j) else 0
+            costs.append(NodeCost(2 * dims[i] / 1e9, fixed / 1e9, token / 1e9, down / 1e9, mlp / 1e9))
         return costs
 
     def base_gmacs(self, img_hw: Size) -> float:
@@ -422,7 +429,7 @@ class DiT(PyramidVisionTransformerV2):
             acc["executed"] += B * (c.fixed + N * c.token)
             return block_masked(blk, x, xn, size, run.unsqueeze(-1).to(x.dtype), kv)
         index, valid, _ = active_index(run)
-        acc["executed"] += B * (c.fixed + index.shape[1] * c.token)
+        acc["executed"] += B * (c.fixed + index.shape[1] * (c.token - c.mlp)) + int(counts.sum()) * c.mlp
         return block_subset(blk, x, xn, size, index, valid, kv)
 
     def forward_routed(self, x: Tensor, track: bool = False):
