@@ -356,7 +356,7 @@ def test_bat_model_equals_old_matching(B, kw, monkeypatch):
 def test_greedy_pairs_early_exit_equals_static_rounds(name):
     """The eager-CPU early exit (default on CPU) returns exactly what the p static rounds return."""
     z = tie_sets()[name] if name != "random" else torch.randn(4, 40, 8, generator=torch.Generator().manual_seed(1))
-    assert _cluster.may_sync(z)
+    assert _cluster.may_sync(z)  # re-exported from dynavit.ops
     for p in range(1, z.shape[1] // 2 + 1):
         static = _cluster.greedy_pairs(z, p, early_exit=False)
         assert torch.equal(_cluster.greedy_pairs(z, p, early_exit=True), static), (name, p)

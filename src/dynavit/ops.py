@@ -1,12 +1,14 @@
 """Tensor operations shared by several methods that must also export to ONNX unchanged.
 
 `argsort_desc` is the stable descending sort every plan uses (BAT's split, ToMe's matching); ONNX has no
-stable sort, so during an ONNX export (`onnx_exporting`) an equivalent op is recorded instead.
+stable sort, so during an ONNX export (`onnx_exporting`) an equivalent op is recorded instead. `may_sync` says
+where a plan may take a data-dependent shortcut (BAT's early exit and subgraph, ToMe's top-k plan).
 """
 from __future__ import annotations
 
 import sys
 
+import torch
 from torch import Tensor
 
 
@@ -25,3 +27,10 @@ def argsort_desc(scores: Tensor) -> Tensor:
     if onnx_exporting():
         return scores.sort(dim=1, descending=True).indices
     return scores.argsort(dim=1, descending=True, stable=True)
+
+
+def may_sync(t: Tensor) -> bool:
+    """Whether a data-dependent Python branch on `t` is free here: eager CPU (reading a CPU tensor is no device
+    sync), not while compiling, tracing or exporting (where control flow must not depend on values)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not onnx_exporting())

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import argsort_desc, onnx_exporting
+from ..ops import argsort_desc, may_sync, onnx_exporting
+from ..tokens import gather_tokens
 
 DENSITIES = ("knn", "gaussian")
 ASSIGNMENTS = ("nearest", "chain")
@@ -176,13 +177,6 @@ def pool_groups(batch: int, length: int, n: int, device=None) -> Tensor:
     return (torch.arange(length, device=device) * n // length).expand(batch, length)
 
 
-def may_sync(t: Tensor) -> bool:
-    """Whether a data-dependent Python branch on `t` is free here: eager CPU (reading a CPU tensor is no device
-    sync), not while compiling, tracing or exporting (where control flow must not depend on values)."""
-    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not onnx_exporting())
-
-
 def greedy_pairs(z: Tensor, p: int, early_exit: Optional[bool] = None) -> Tensor:
     """The p most cosine-similar disjoint pairs of z (B, K, C), as greedy matching picks them -> (B, p, 2).
 
@@ -279,7 +273,6 @@ def _subgraph_pairs(sim: Tensor, p: int, share: float = 0.5) -> Tensor:
     sim (B, K, K) before symmetrisation; its diagonal is overwritten.
     """
     B, K, _ = sim.shape
-    dev = sim.device
     neg_inf = float("-inf")
     q = min(K - 1, max(2 * p + 2, math.ceil(share * K)))
     sim.diagonal(dim1=1, dim2=2).fill_(neg_inf)
@@ -287,8 +280,7 @@ def _subgraph_pairs(sim: Tensor, p: int, share: float = 0.5) -> Tensor:
     top, idx = bound.topk(q + 1, dim=1)
     theta = top[:, -1:]  # (B, 1); NaN (a NaN token) fails the checks below
     idx = idx[:, :q].sort(dim=1).values  # (B, q) ascending: pair order and ties as in the whole matrix
-    rows = sim.reshape(B * K, K).index_select(0, (idx + torch.arange(B, device=dev).unsqueeze(1) * K).reshape(-1))
-    sub = torch.gather(rows.view(B, q, K), 2, idx.unsqueeze(1).expand(B, q, q))  # (B, q, q) = sim[b, idx, idx]
+    sub = torch.gather(gather_tokens(sim, idx), 2, idx.unsqueeze(1).expand(B, q, q))  # (B, q, q) = sim[b, idx, idx]
     sub = torch.nan_to_num((sub + sub.transpose(1, 2)) / 2, nan=neg_inf)  # the whole matrix's exact values
     sub = torch.where(sub > theta.unsqueeze(-1), sub, neg_inf)  # (the diagonal is -inf already)
     edge, partner = _matching_rounds(sub, p, early_exit=True)

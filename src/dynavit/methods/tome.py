@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..ops import argsort_desc
-from ._cluster import may_sync
+from ..ops import argsort_desc, may_sync
 from ..recipes import Recipe
 from ..reduction import TokenReducer
 from ..registry import register_method
@@ -113,9 +112,7 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
         tied = (~(best[:, r - 1] > best[:, r])).nonzero().squeeze(1)
         if tied.numel():
             src[tied] = argsort_desc(node_max[tied])[:, :r]
-        flat_src = (src + torch.arange(B, device=dev)[:, None] * Na).view(-1)
-        rows = scores.reshape(B * Na, n_b).index_select(0, flat_src)  # (B r, Nb) the merged tokens' scores
-        dst = n_unm + rows.argmax(dim=-1).view(B, r)  # = max(dim=-1).indices: the first maximum
+        dst = n_unm + gather_tokens(scores, src).argmax(dim=-1)  # (B, r) = max(dim=-1).indices: the first maximum
         merged = torch.zeros(B, Na, dtype=torch.bool, device=dev).scatter_(1, src, True)
         slot_a.copy_((~merged).cumsum(dim=1) - 1).scatter_(1, src, dst)  # unmerged A tokens in order
         unm = (~merged).nonzero()[:, 1].view(B, n_unm)  # (B, n_unm) ascending A positions
@@ -178,8 +175,8 @@ def merge_into_partners(state: TokenState, plan: MatchPlan) -> TokenState:
     flat = out.view(B * (P + G), C)
     rows_out = slots // G * (P + G) + P + slots % G  # those slots as rows of out
     numer = flat.index_select(0, rows_out) * own.view(-1)[slots].unsqueeze(-1).to(x.dtype)  # (U, C)
-    src_rows = (plan.src + P + offset * x.shape[1]).view(-1)
-    numer.index_add_(0, inverse.view(-1), x.reshape(-1, C).index_select(0, src_rows) * w_src.view(-1, 1).to(x.dtype))
+    x_src = gather_tokens(x, plan.src + P).reshape(B * r, C)  # the merged tokens, (B r, C)
+    numer.index_add_(0, inverse.view(-1), x_src * w_src.view(-1, 1).to(x.dtype))
     flat.index_copy_(0, rows_out, numer / new_sizes.view(-1)[slots].unsqueeze(-1).to(x.dtype))
     prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
     state.x = out
