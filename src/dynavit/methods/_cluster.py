@@ -85,14 +85,18 @@ def denser_mask(log_rho: Tensor) -> Tensor:
     return (rj > ri) | ((rj == ri) & (idx.view(1, 1, M) < idx.view(1, M, 1)))
 
 
-def dpc_delta(dist: Tensor, log_rho: Tensor) -> tuple[Tensor, Tensor]:
+def dpc_delta(dist: Tensor, log_rho: Tensor, need_parent: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """BAT Eq. 7: delta_i = min distance to a denser token (max distance for the densest) and that token (parent).
 
-    Returns delta (B, M) and parent (B, M) (the densest token is its own parent).
+    Returns delta (B, M) and parent (B, M) (the densest token is its own parent), or None for need_parent=False
+    (a min without indices: on the CPU several times faster; the same delta).
     """
     denser = denser_mask(log_rho)  # (B, M, M)
-    delta, parent = dist.masked_fill(~denser, float("inf")).min(dim=-1)
     top = ~denser.any(dim=-1)  # (B, M) the densest token of each image
+    if not need_parent:
+        delta = torch.where(denser, dist, float("inf")).amin(dim=-1)
+        return torch.where(top, dist.amax(dim=-1), delta), None
+    delta, parent = dist.masked_fill(~denser, float("inf")).min(dim=-1)
     delta = torch.where(top, dist.max(dim=-1).values, delta)
     parent = torch.where(top, torch.arange(dist.shape[-1], device=dist.device).expand_as(parent), parent)
     return delta, parent
@@ -136,7 +140,7 @@ def dpc_cluster(z: Tensor, n: int, density: str = "knn", k: int = 5, sigma: Opti
         raise ValueError(f"assign must be one of {ASSIGNMENTS}, got {assign!r}")
     dist = pairwise_distance(z)
     log_rho = log_density(dist, density, k, sigma)
-    delta, parent = dpc_delta(dist, log_rho)
+    delta, parent = dpc_delta(dist, log_rho, need_parent=(assign == "chain"))
     centres = dpc_centres(log_rho, delta, n, force_densest=(assign == "chain"))
     label = assign_nearest(dist, centres) if assign == "nearest" else assign_chain(parent, centres)
     return label, centres
