@@ -109,13 +109,14 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
         node_max = scores.amax(dim=-1)  # (B, Na)
         best, src = node_max.topk(r + 1, dim=1)
         src = src[:, :r]  # the stable sort's set where the r-th best beats the next; else sort that image
-        tied = (~(best[:, r - 1] > best[:, r])).nonzero().squeeze(1)
-        if tied.numel():
+        strict = best[:, r - 1] > best[:, r]
+        if not bool(strict.all()):
+            tied = (~strict).nonzero().squeeze(1)
             src[tied] = argsort_desc(node_max[tied])[:, :r]
         dst = n_unm + gather_tokens(scores, src).argmax(dim=-1)  # (B, r) = max(dim=-1).indices: the first maximum
-        merged = torch.zeros(B, Na, dtype=torch.bool, device=dev).scatter_(1, src, True)
-        slot_a.copy_((~merged).cumsum(dim=1) - 1).scatter_(1, src, dst)  # unmerged A tokens in order
-        unm = (~merged).nonzero()[:, 1].view(B, n_unm)  # (B, n_unm) ascending A positions
+        kept = torch.ones(B, Na, dtype=torch.bool, device=dev).scatter_(1, src, False)  # unmerged A tokens
+        slot_a.copy_(kept.cumsum(dim=1) - 1).scatter_(1, src, dst)  # unmerged A tokens in order
+        unm = kept.nonzero()[:, 1].view(B, n_unm)  # (B, n_unm) ascending A positions
         primary = torch.cat([a0 + 2 * unm, torch.arange(b0, T, 2, device=dev).expand(B, n_b)], dim=1)
         return MatchPlan(group, n_unm + n_b, primary, a0 + 2 * src, dst)
     node_max, node_idx = scores.max(dim=-1)  # (B, Na)
@@ -181,7 +182,7 @@ def merge_into_partners(state: TokenState, plan: MatchPlan) -> TokenState:
     prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
     state.x = out
     state.sizes = torch.cat([prefix_sizes, new_sizes.unsqueeze(-1)], dim=1)
-    state.patch_to_token = remap_patches(state.patch_to_token, plan.group)
+    state.patch_to_token = torch.gather(plan.group, 1, state.patch_to_token)  # ToMe drops no token: no -1 here
     return state
 
 
