@@ -184,9 +184,12 @@ def test_head_mean_equals_mean_over_heads(H):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_bipartite_plan_fast_path_names_its_slots(ties):
+def test_bipartite_plan_fast_path_names_its_slots(ties, monkeypatch):
     """The eager top-k plan equals the sorted one (the indexed reference) and its primary / src / dst agree
     with its group map; with tied scores too (those images are sorted)."""
+    from dynavit.methods import tome
+
+    monkeypatch.setattr(tome, "LEAN_MIN_BATCH", 1)  # 3 images: the lean path runs from 4 by default
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(3, 61, 8, generator=g)
     if ties:
@@ -210,11 +213,14 @@ def test_bipartite_plan_fast_path_names_its_slots(ties):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,P", [(1, 1), (3, 1), (2, 2), (4, 0)])
-def test_merge_into_partners_equals_merge_by_size(dtype, B, P):
+def test_merge_into_partners_equals_merge_by_size(dtype, B, P, monkeypatch):
     """The inference merge: merge_by_size's values up to rounding, the same sizes and patch map, and tokens that
     receive no partner pass bit for bit."""
+    from dynavit.methods import tome
     from dynavit.methods.tome import merge_by_size, merge_into_partners
     from dynavit.tokens import TokenState
+
+    monkeypatch.setattr(tome, "LEAN_MIN_BATCH", 1)
 
     g = torch.Generator().manual_seed(10 * B + P)
     T, C = 41, 12
@@ -257,3 +263,18 @@ def test_tome_inference_merge_matches_the_training_merge(monkeypatch):
     with torch.no_grad():
         ref = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_small_batches_take_the_sorted_plan(monkeypatch):
+    """Below LEAN_MIN_BATCH images the plan is the sorted one (no slot names, so the generic merge runs), with the
+    same group map as the lean plan."""
+    from dynavit.methods import tome
+
+    keys = torch.randn(3, 61, 8, generator=torch.Generator().manual_seed(6))
+    small = bipartite_plan(keys, 7, num_prefix=1)
+    assert small.primary is None
+    monkeypatch.setattr(tome, "LEAN_MIN_BATCH", 1)
+    lean = bipartite_plan(keys, 7, num_prefix=1)
+    assert lean.primary is not None and torch.equal(lean.group, small.group)
+    monkeypatch.undo()
+    assert bipartite_plan(torch.cat([keys, keys[:1]]), 7, num_prefix=1).primary is not None  # 4 images

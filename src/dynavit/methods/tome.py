@@ -83,6 +83,11 @@ class MatchPlan:
     dst: Optional[Tensor] = None
 
 
+# The lean plan and inference merge pay off from this many images on (DeiT-S r=13, 2 threads, against the sorted
+# plan and the generic merge in one process: batch 1 4.7 % slower, batch 4 level, batch 8 1.8 % faster).
+LEAN_MIN_BATCH = 4
+
+
 @torch.no_grad()
 def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     """ToMe's bipartite soft matching on keys (B, P+T, d) (prefix tokens excluded) -> MatchPlan.
@@ -90,7 +95,8 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     A = non-prefix tokens at even positions of the full sequence, B = odd positions (the authors' split). The r
     A tokens with the most similar partner merge (ties: the earlier token, a stable sort). Where reading a value
     costs no device sync (eager CPU), the r best come from a top-k (sorted only in images where the r-th best
-    ties the next) and only their partners are looked up: the same plan, a fraction of the work.
+    ties the next) and only their partners are looked up: the same plan, a fraction of the work. Below
+    LEAN_MIN_BATCH images its extra small operations cost more than they save, so the sorted plan runs.
     """
     B, L, _ = keys.shape
     T, P = L - num_prefix, num_prefix
@@ -105,7 +111,7 @@ def bipartite_plan(keys: Tensor, r: int, num_prefix: int) -> MatchPlan:
     group = torch.empty(B, T, dtype=torch.long, device=dev)
     slot_a = group[:, a0::2]  # (B, Na) view: output slot of each A token, written in place
     group[:, b0::2] = torch.arange(n_unm, n_unm + n_b, device=dev)
-    if 0 < r < Na and may_sync(keys):
+    if 0 < r < Na and B >= LEAN_MIN_BATCH and may_sync(keys):
         node_max = scores.amax(dim=-1)  # (B, Na)
         best, src = node_max.topk(r + 1, dim=1)
         src = src[:, :r]  # the stable sort's set where the r-th best beats the next; else sort that image
