@@ -278,6 +278,20 @@ def test_dynamicvit_oracle_ranks_keeping_the_digit_first(capsys):
     assert top1["keep the digit"] > top1["drop the digit"] and ce["keep the digit"] < ce["drop the digit"], lines
 
 
+def test_demo_speed_parts_reports_attention_reducers_and_bat_parts(capsys):
+    """benchmarks/demo_speed_parts.py (docs/demo.md finding 7) runs on the shipped weights and prints each part."""
+    spec = importlib.util.spec_from_file_location("demo_speed_parts", REPO / "benchmarks" / "demo_speed_parts.py")
+    parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    parts.main(["--batch-size", "2", "--rounds", "1", "--threads", "1", "--counts", "17", "9"])
+    out = capsys.readouterr().out
+    assert re.search(r"17 tokens: SDPA +[\d.]+ ms \(1\.00x per pair\)", out) and " 9 tokens: SDPA" in out
+    for name in ("dynamicvit:0.7", "evit:0.7", "bat:0.7", "tome:0.7", "bat:0.5"):
+        assert re.search(rf"{name}: reducer +[\d.]+ ms of +[\d.]+ ms per forward", out), name
+    assert len(re.findall(r"greedy_pairs [\d.]+ ms, cluster_inattentive [\d.]+ ms, merge_tokens [\d.]+ ms, "
+                          r"plan \(rest\) -?[\d.]+ ms", out)) == 2
+
+
 @pytest.mark.parametrize("variant", ["plain", "tokmax", "convstem", "tokenlabel"])
 def test_demo_learning_probe_prints_a_learning_curve(capsys, variant):
     """benchmarks/demo_learning_probe.py (docs/demo.md's DiT-twin learning curves) runs every variant it offers."""
