@@ -5,7 +5,7 @@
 
 Prints, on the shipped demo weights and the demo's own validation images:
 1. fused attention (`scaled_dot_product_attention`, the demo's 2 heads of 32) per token pair at the token counts
-   the methods produce, relative to 197 tokens, and an explicit softmax attention's time beside it;
+   the methods produce, relative to 197 tokens, and an explicit softmax attention's time beside it (interleaved);
 2. the reducer's share of each shipped method's forward (`timing.reducer_time`: its hooks timed on the instance);
 3. BAT's reducer by part (matching, DPC clustering, the rest of the plan, the merge), per forward.
 """
@@ -21,17 +21,9 @@ import torch.nn.functional as F
 
 from dynavit.demo import DemoConfig, bench_batch, load_asset, method_asset, val_images
 from dynavit.methods import _cluster, bat
-from dynavit.timing import make_step, reducer_time
+from dynavit.timing import make_step, reducer_time, time_interleaved
 
-
-def _median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+CPU = torch.device("cpu")
 
 
 def attention_costs(batch: int, rounds: int, counts=(197, 139, 98, 69, 51, 28), heads: int = 2, dim: int = 32):
@@ -40,8 +32,9 @@ def attention_costs(batch: int, rounds: int, counts=(197, 139, 98, 69, 51, 28), 
     with torch.inference_mode():
         for n in counts:
             q, k, v = torch.randn(batch, n, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-            fused = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v), rounds)
-            explicit = _median_ms(lambda: ((q @ k.transpose(-2, -1)) * dim ** -0.5).softmax(-1) @ v, rounds)
+            steps = [lambda: F.scaled_dot_product_attention(q, k, v),
+                     lambda: ((q @ k.transpose(-2, -1)) * dim ** -0.5).softmax(-1) @ v]
+            fused, explicit = (statistics.median(t) * 1e3 for t in time_interleaved(steps, rounds, 1, CPU))
             per_pair = fused / n ** 2
             base = base or per_pair
             print(f"  {n:4d} tokens: SDPA {fused:7.2f} ms ({per_pair / base:4.2f}x per pair), explicit / SDPA "
@@ -96,7 +89,7 @@ def main(argv=None) -> None:
     print(f"\nreducer share of the forward (batch {args.batch_size}, shipped weights, validation images)")
     for method, keep in (("dynamicvit", 0.7), ("evit", 0.7), ("bat", 0.7), ("tome", 0.7), ("bat", 0.5)):
         model = load_asset(method_asset(cfg.backbone, method, keep), root=cfg.asset_root).eval()
-        hooks, total = reducer_time(model, make_step(model, x, train=False), torch.device("cpu"), calls=3)
+        hooks, total = reducer_time(model, make_step(model, x, train=False), CPU, calls=3)
         print(f"  {method}:{keep:g}: reducer {hooks * 1e3 / 3:6.1f} ms of {total * 1e3 / 3:6.1f} ms per forward "
               f"({100 * hooks / total:4.1f} %)")
         if method == "bat":

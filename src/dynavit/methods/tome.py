@@ -188,7 +188,7 @@ def merge_into_partners(state: TokenState, plan: MatchPlan) -> TokenState:
     prefix_sizes = x.new_ones(B, P, 1, dtype=sizes.dtype) if state.sizes is None else state.sizes[:, :P]
     state.x = out
     state.sizes = torch.cat([prefix_sizes, new_sizes.unsqueeze(-1)], dim=1)
-    state.patch_to_token = torch.gather(plan.group, 1, state.patch_to_token)  # ToMe drops no token: no -1 here
+    state.patch_to_token = remap_patches(state.patch_to_token, plan.group)
     return state
 
 
