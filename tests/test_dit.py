@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import dynavit
 from dynavit.errors import ConfigError
 from dynavit.flops import count_flops
 from dynavit.losses_dit import BudgetCriterion, DiTBudgetLoss
-from dynavit.models.dit import down_subset, stage_activity
+from dynavit.models.dit import down_subset, down_tokens_subset, stage_activity
 from dynavit.train.criterion import build_criterion
 
 
@@ -317,6 +318,21 @@ def test_down_subset_equals_the_conv_at_those_tokens():
     out = down_subset(down, fine, index)
     torch.testing.assert_close(out, torch.gather(full, 1, index.unsqueeze(-1).expand(-1, -1, 10)), atol=1e-5, rtol=0)
     assert size == (4, 3)
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])  # 9 k below and above the 35 fine tokens: norm after / before the gather
+def test_down_tokens_subset_equals_the_masked_conv(k):
+    """The patch embedding of norm(x) * sent, from the token list at next-scale tokens `index`, == the whole-map conv."""
+    from dynavit.models.pvt_v2 import OverlapPatchEmbed, to_map
+
+    torch.manual_seed(0)
+    down, norm = OverlapPatchEmbed(3, 2, 6, 10), nn.LayerNorm(6)
+    nn.init.normal_(norm.bias)  # a zero row normed is not zero: the mask must apply after the norm
+    x, sent = torch.randn(2, 35, 6), torch.rand(2, 35) < 0.5  # a 7 x 5 map, next scale 4 x 3
+    full, _ = down(to_map(norm(x) * sent.unsqueeze(-1), (7, 5)))
+    index = torch.stack([torch.randperm(12)[:k] for _ in range(2)])
+    out = down_tokens_subset(down, norm, x, (7, 5), index, sent)
+    torch.testing.assert_close(out, torch.gather(full, 1, index.unsqueeze(-1).expand(-1, -1, 10)), atol=1e-5, rtol=0)
 
 
 def test_routing_picture_rows_are_strides_columns_are_stages(tmp_path):

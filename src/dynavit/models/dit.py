@@ -32,6 +32,10 @@ from .pvt_v2 import OverlapPatchEmbed, PvtBlock, PyramidVisionTransformerV2, Siz
 # is published
 DEFAULT_BUDGET = 0.88
 GATE_MODES = ("pvt_v2", "open", "closed", None)
+# a patch embedding evaluated at a subset gathers 9 rows per next-scale token: above this fraction of the next map
+# (for the batch's busiest image) a batch runs the whole-map convolution, faster (docs/dit.md section 8, measured at
+# batch 128); one image always gathers, so that it executes exactly the GMACs it counts
+DOWN_GATHER_MAX = 0.4
 
 
 def hard_gate(logits: Tensor, training: bool) -> Tensor:
@@ -106,21 +110,44 @@ def block_subset(blk: PvtBlock, x: Tensor, xn: Tensor, size: Size, index: Tensor
     return x.reshape(B * N, C).index_copy(0, rows, y).view(B, N, C)
 
 
-def down_subset(down: OverlapPatchEmbed, fine: Tensor, index: Tensor) -> Tensor:
-    """The stride-2 patch embedding of map `fine` (B, C, H, W) evaluated only at next-scale tokens `index` (B, k).
+def window_positions(index: Tensor, size: Size):
+    """The 3x3 windows of a stride-2, padding-1 patch embedding at next-scale tokens `index` (B, k) on a map of
+    `size`: (positions (B, 9 k) into the fine map's tokens, clamped; in_bounds (B, 9 k)), in (dy, dx) order."""
+    H, W = size
+    B, k = index.shape
+    Wn = (W - 1) // 2 + 1
+    offsets = torch.arange(-1, 2, device=index.device)
+    ys = (2 * torch.div(index, Wn, rounding_mode="floor")).unsqueeze(-1) + offsets  # (B, k, 3)
+    xs = (2 * (index % Wn)).unsqueeze(-1) + offsets
+    in_bounds = ((ys >= 0) & (ys < H)).unsqueeze(-1) & ((xs >= 0) & (xs < W)).unsqueeze(-2)  # (B, k, 3, 3)
+    pos = ys.clamp(0, H - 1).unsqueeze(-1) * W + xs.clamp(0, W - 1).unsqueeze(-2)
+    return pos.view(B, 9 * k), in_bounds.view(B, 9 * k)
 
-    The 3x3 windows at those positions gathered from the zero-padded map in token layout (9 rows per token, not
-    an im2col of the whole map), then one matmul (9 C C' MACs per token) and the LayerNorm.
+
+def down_tokens_subset(down: OverlapPatchEmbed, norm: nn.Module, x: Tensor, size: Size, index: Tensor,
+                       sent: Optional[Tensor] = None) -> Tensor:
+    """The stride-2 patch embedding of norm(x) (x (B, N, C) tokens of a map of `size`, zero where `sent` (B, N) is
+    False) evaluated only at next-scale tokens `index` (B, k): (B, k, C').
+
+    The 3x3 windows are gathered from the token list (9 rows per token, no padded copy or im2col of the map), then
+    one matmul (9 C C' MACs per token) and the LayerNorm. `norm` is per token, so it runs on the gathered rows when
+    they are fewer than the map's.
     """
     conv = down.proj
-    B, C, H, W = fine.shape
-    k, Wn, Wp = index.shape[1], (W - 1) // 2 + 1, W + 2
-    padded = F.pad(fine, (1, 1, 1, 1)).permute(0, 2, 3, 1).reshape(B, (H + 2) * Wp, C)  # (B, (H+2)(W+2), C)
-    corner = 2 * torch.div(index, Wn, rounding_mode="floor") * Wp + 2 * (index % Wn)  # window's top-left
-    window = (torch.arange(3, device=index.device).unsqueeze(1) * Wp + torch.arange(3, device=index.device)).view(-1)
-    cols = gather_tokens(padded, (corner.unsqueeze(-1) + window).view(B, 9 * k)).view(B, k, 9 * C)  # (dy, dx, c)
+    B, N, C = x.shape
+    k = index.shape[1]
+    pos, ok = window_positions(index, size)  # (B, 9k)
+    if sent is not None:
+        ok = ok & sent.gather(1, pos)
+    rows = norm(gather_tokens(x, pos)) if 9 * k < N else gather_tokens(norm(x), pos)  # (B, 9k, C)
+    cols = (rows * ok.unsqueeze(-1).to(rows.dtype)).view(B, k, 9 * C)  # (dy, dx, c)
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], 9 * C)  # the same (dy, dx, c) order
     return down.norm(F.linear(cols, weight, conv.bias))
+
+
+def down_subset(down: OverlapPatchEmbed, fine: Tensor, index: Tensor) -> Tensor:
+    """The stride-2 patch embedding of map `fine` (B, C, H, W) evaluated only at next-scale tokens `index` (B, k)."""
+    return down_tokens_subset(down, nn.Identity(), to_tokens(fine), fine.shape[2:], index)
 
 
 @dataclass
@@ -379,13 +406,15 @@ class DiT(PyramidVisionTransformerV2):
             return a * t, a * g
         counts = a.sum(1)
         acc["gmacs"] = acc["gmacs"] + c.gate * counts
-        if bool(a.all()) or int(counts.max()) > self.dense_above * N:  # on the whole map: no gather / scatter
+        if B > 1 or bool(a.all()) or int(counts.max()) > self.dense_above * N:
+            # a batch reads every token's gate (2 C MACs each): cheaper than gathering the alive ones and
+            # scattering the decisions back; one image gathers, so that it executes exactly what it counts
             acc["executed"] += B * N * c.gate
             hard = self.gates[n](xn) > 0  # (B, N, 2)
             return hard[..., 0] & a, hard[..., 1] & a
         index, valid, _ = active_index(a)
-        hard = (self.gates[n](gather_tokens(xn, index)) > 0) & valid  # (B, k, 2)
-        acc["executed"] += B * index.shape[1] * c.gate
+        hard = (self.gates[n](gather_tokens(xn, index)) > 0) & valid  # (1, k, 2)
+        acc["executed"] += index.shape[1] * c.gate
         t = a.new_zeros(B, N).scatter(1, index, hard[..., 0])
         return t, a.new_zeros(B, N).scatter(1, index, hard[..., 1])
 
@@ -395,15 +424,16 @@ class DiT(PyramidVisionTransformerV2):
             return None
         r = region_any(sent, size)  # (B, N') next-scale tokens that receive
         acc["gmacs"] = acc["gmacs"] + c.down * r.sum(1)
-        fine = self.stages[i].norm(x)
-        fine = to_map(fine if not self.training and bool(sent.all()) else fine * sent.unsqueeze(-1), size)
         down = self.stages[i + 1].downsample
-        if self.training or bool(r.all()) or int(r.sum(1).max()) > self.dense_above * r.shape[1]:
+        dense_above = self.dense_above if r.shape[0] == 1 else min(self.dense_above, DOWN_GATHER_MAX)
+        if self.training or bool(r.all()) or int(r.sum(1).max()) > dense_above * r.shape[1]:
             acc["executed"] += r.numel() * c.down
-            return r, None, down(fine)[0]
+            fine = self.stages[i].norm(x)
+            fine = fine if not self.training and bool(sent.all()) else fine * sent.unsqueeze(-1)
+            return r, None, down(to_map(fine, size))[0]
         index, valid, _ = active_index(r)
         acc["executed"] += index.numel() * c.down
-        return r, (index, valid), down_subset(down, fine, index)
+        return r, (index, valid), down_tokens_subset(down, self.stages[i].norm, x, size, index, sent)
 
     def _block(self, i: int, j: int, x: Tensor, xn: Tensor, run: Tensor, reached: Tensor, size: Size, c: NodeCost,
                acc: dict) -> Tensor:
