@@ -221,6 +221,7 @@ BAD_ARGS = [  # (argv after the command, text the one line must contain)
     (["viz", "--checkpoint", "{run}", "--image", "missing.png"], "does not exist"),
     (["viz", "--image", "x.png", "--output", "{dir}"], "is a folder"),
     (["export", "--checkpoint", "nope.safetensors", "--onnx", "{tmp}/m.onnx"], "not found"),
+    (["viz", "--image", "x.png", "--output", "{file}/x.png"], "is a file"),
     (["export", "--batch-size", "0", "--onnx", "m.onnx"], "--batch-size: must be > 0"),
     (["info", "deit_small_patch16_224", "--img-size", "200"], "img_size 200 is not a multiple of patch_size 16"),
     (["info", "deit_small_patch16_224", "--method", "EViT"], "Did you mean 'evit'"),
@@ -253,7 +254,9 @@ def test_every_bad_argument_is_one_line_and_status_2(argv, expected, folder, run
         idx = [i for i, a in enumerate(full) if a == flag]
         if len(idx) > 1:
             del full[idx[0]:idx[0] + 2]
-    full = [str(values.get(a, a)) for a in full]
+    for key, value in values.items():  # placeholders inside an argument too ("{tmp}/m.onnx")
+        full = [a.replace(key, str(value)) if isinstance(a, str) else a for a in full]
+    full = [str(a) for a in full]
     rc, out, err = cli(capsys, *full)
     line = one_error_line(err)
     assert rc == 2, (rc, err)
@@ -391,3 +394,11 @@ def test_finished_run_is_extended_with_a_recomputed_schedule(folder, tmp_path, c
     rc, _, err = cli(capsys, *train_args(folder, tmp_path / "r", "--max-steps", "5", *common, "--resume",
                                          "--extend"))
     assert rc == 2 and "already at step 6" in one_error_line(err)
+
+
+def test_a_failed_command_leaves_no_output_folder(tmp_path, capsys):
+    """The output's folder is made by the writer, not by the argument check (a bad checkpoint writes nothing)."""
+    out = tmp_path / "new" / "deeper" / "m.onnx"
+    rc, _, err = cli(capsys, "export", *TINY, "--checkpoint", str(tmp_path / "nope.safetensors"), "--onnx", str(out))
+    assert rc == 2 and "not found" in one_error_line(err)
+    assert not (tmp_path / "new").exists()

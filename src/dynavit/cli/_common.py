@@ -74,13 +74,15 @@ def label(args: argparse.Namespace) -> str:
 
 
 def check_output_file(path: Path) -> None:
-    """An output file must be writable: its folder exists (or can be made) and accepts a new file."""
+    """An output file must be writable: its folder exists or can be made (by the writer, later: a command that
+    then fails on its other arguments leaves no folder behind) and accepts a new file."""
     if path.is_dir():
         raise OutputError(f"--output {str(path)!r} is a folder; give a file name such as {str(path / 'tokens.png')!r}")
     folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the folder of --output {str(path)!r}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the folder of --output {str(path)!r}: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputError(f"cannot write --output {str(path)!r}: permission denied (choose another folder)")
