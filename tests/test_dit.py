@@ -171,6 +171,27 @@ def test_inference_subset_equals_masked_training_forward():
     torch.testing.assert_close(info.extra["gmacs"], train_info.extra["gmacs"])
 
 
+def test_a_batch_computes_what_each_image_alone_does(monkeypatch):
+    """Batch execution choices (whole-map gates and patch embeddings, blocks on the images that run there only)
+    change nothing: each image's logits and GMACs are those of its own one-image forward."""
+    from dynavit.models.dit import DiT
+
+    _, dit = twins()
+    x = torch.randn(6, 3, 64, 64)  # drawn after twins()' seed: late nodes run in 2-3 of the 6 images
+    randomise_gates(dit, seed=3)
+    batches = []
+    run_block = DiT._run_block
+    monkeypatch.setattr(DiT, "_run_block", lambda self, blk, x, *a: batches.append(x.shape[0]) or
+                        run_block(self, blk, x, *a))
+    with torch.no_grad():
+        logits, info = dit(x, return_info=True)
+        assert any(b < 6 for b in batches)  # some block ran on a subset of the images
+        for b in range(6):
+            one, one_info = dit(x[b:b + 1], return_info=True)
+            torch.testing.assert_close(logits[b:b + 1], one, atol=1e-5, rtol=0)
+            assert one_info.extra["gmacs"].item() == pytest.approx(info.extra["gmacs"][b].item(), rel=1e-6)
+
+
 def test_dense_above_runs_crowded_nodes_on_the_whole_map():
     """The cost model changes what is executed, not the result nor the routing's per-image GMACs."""
     _, dit = twins()

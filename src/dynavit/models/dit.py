@@ -36,6 +36,9 @@ GATE_MODES = ("pvt_v2", "open", "closed", None)
 # (for the batch's busiest image) a batch runs the whole-map convolution, faster (docs/dit.md section 8, measured at
 # batch 128); one image always gathers, so that it executes exactly the GMACs it counts
 DOWN_GATHER_MAX = 0.4
+# a block that runs tokens of at most this fraction of a batch's images runs on those images only (their maps
+# gathered): the others would pay its per-map work (SR conv, keys and values, depth-wise conv) for nothing
+IMAGE_GATHER_MAX = 0.5
 
 
 def hard_gate(logits: Tensor, training: bool) -> Tensor:
@@ -439,19 +442,30 @@ class DiT(PyramidVisionTransformerV2):
                acc: dict) -> Tensor:
         """B[i, j] on the tokens `run` (B, N) (xn = its norm1 of x); the others keep their value."""
         B, N = run.shape
+        blk = self.block(i, j)
         if self.training:
             acc["gmacs"] = acc["gmacs"] + c.fixed * run.amax(1) + c.token * run.sum(1)
             acc["executed"] += B * (c.fixed + N * c.token)
-        else:
-            counts = run.sum(1)
-            if int(counts.max()) == 0:
-                return x  # nothing runs: the node is skipped
-            acc["gmacs"] = acc["gmacs"] + c.fixed * (counts > 0) + c.token * counts
-        blk = self.block(i, j)
+            kv = kv_cells(reached, size, blk.attn.sr_ratio)
+            xn = xn if kv is None else xn * reached.unsqueeze(-1)  # positions no token reached are empty
+            return block_masked(blk, x, xn, size, run.unsqueeze(-1), kv)
+        counts = run.sum(1)
+        if int(counts.max()) == 0:
+            return x  # nothing runs: the node is skipped
+        acc["gmacs"] = acc["gmacs"] + c.fixed * (counts > 0) + c.token * counts
+        busy = counts > 0
+        if B > 1 and int(busy.sum()) <= IMAGE_GATHER_MAX * B:  # few images run here: only they pay the map's work
+            images = busy.nonzero().squeeze(1)
+            sub = [t.index_select(0, images) for t in (x, xn, run, reached, counts)]
+            return x.index_copy(0, images, self._run_block(blk, *sub, size, c, acc))
+        return self._run_block(blk, x, xn, run, reached, counts, size, c, acc)
+
+    def _run_block(self, blk: PvtBlock, x: Tensor, xn: Tensor, run: Tensor, reached: Tensor, counts: Tensor,
+                   size: Size, c: NodeCost, acc: dict) -> Tensor:
+        """Inference: the block on the tokens `run` (B, N) of these images, gathered or on the whole map."""
+        B, N = run.shape
         kv = kv_cells(reached, size, blk.attn.sr_ratio)
         xn = xn if kv is None else xn * reached.unsqueeze(-1)  # positions no token reached are empty
-        if self.training:
-            return block_masked(blk, x, xn, size, run.unsqueeze(-1), kv)
         if bool(run.all()):
             acc["executed"] += B * (c.fixed + N * c.token)
             return block_masked(blk, x, xn, size, None, kv)
