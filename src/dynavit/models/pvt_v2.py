@@ -56,6 +56,13 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(to_tokens(x)), size
 
 
+# On CPU, short attentions run faster as softmax(q k^T) v than through the fused kernel, whose per-tile overhead
+# dominates (batch 128, 2 threads: 0.39x of its time at 49 queries x 16 keys with head width 8, 0.76x at 16 x 16,
+# 0.90x at 121 x 9 with width 16; 1.13-1.42x slower from 196 queries on; docs/dit.md section 8)
+EXPLICIT_MAX_QUERIES = 128
+EXPLICIT_MAX_KEYS = 64
+
+
 class SRAttention(nn.Module):
     """Spatial-reduction attention: queries from tokens, keys / values from conv(k=R, s=R)+LN of the whole map.
 
@@ -93,7 +100,12 @@ class SRAttention(nn.Module):
         q = self.q(query).reshape(B, K, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, K, d)
         k, v = self.keys_values(x, size)
         mask = None if kv_mask is None else kv_mask[:, None, None, :]  # (B, 1, 1, M)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
+        if q.device.type == "cpu" and K <= EXPLICIT_MAX_QUERIES and k.shape[2] <= EXPLICIT_MAX_KEYS:
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, K, M)
+            attn = attn if mask is None else attn.masked_fill(~mask, float("-inf"))
+            out = attn.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
         return self.proj(out.transpose(1, 2).reshape(B, K, C))
 
 
