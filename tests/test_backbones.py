@@ -231,3 +231,44 @@ def test_every_backbone_gives_the_same_clear_input_errors(name, kw, size, bad_si
         model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
     with pytest.raises(InputError, match="4-d image batch"):
         model(torch.randn(3, size, size))
+
+
+@pytest.mark.parametrize("mask_kind", [None, "float", "bool"])
+def test_explicit_short_attention_equals_fused(mask_kind):
+    """explicit_attention (what short CPU sequences run) has the fused kernel's value and gradients, with an
+    additive bias (ToMe's log-size, DynamicViT's padding) or a bool mask (DiT's reached cells)."""
+    from dynavit.layers import explicit_attention, fused_is_slower
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 2, 37, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = None
+    if mask_kind == "float":
+        mask = torch.randn(4, 1, 1, 37, generator=g).clamp(max=0).masked_fill(torch.arange(37) > 30, float("-inf"))
+    elif mask_kind == "bool":
+        mask = (torch.arange(37) <= 30).expand(4, 1, 1, 37)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    explicit = explicit_attention(q, k, v, 16 ** -0.5, mask)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    for a, b in zip(torch.autograd.grad(explicit.square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert fused_is_slower(q, 37) and not fused_is_slower(q[:1], 37)  # batch 1 x 2 heads stays fused
+    assert not fused_is_slower(torch.randn(4, 2, 197, 16), 197) and not fused_is_slower(q.double(), 37)
+
+
+def test_model_output_does_not_depend_on_attention_kernel(monkeypatch):
+    """A pruned DeiT's logits are the same whether its short stages run explicit or fused attention."""
+    from dynavit import layers
+    from dynavit.methods.evit import apply_evit
+
+    torch.manual_seed(0)
+    model = apply_evit(dynavit.create_model("tiny_vit"), 0.5).eval()
+    x = torch.randn(4, 3, 224, 224)
+    calls, real = [], layers.explicit_attention
+    monkeypatch.setattr(layers, "explicit_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    with torch.no_grad():
+        explicit = model(x)
+        assert sorted(set(calls)) == [28, 52, 100]  # EViT 0.5: its last three stages, cls + kept + fused token
+        monkeypatch.setattr(layers, "EXPLICIT_MAX_TOKENS", 0)
+        fused = model(x)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)

@@ -1,15 +1,17 @@
 """Transformer layers shared by every ViT-style backbone: patch embedding, MLP, attention, block.
 
-Attention runs fused (`scaled_dot_product_attention`). Token-reduction methods get what they need from it
-without giving that up (docs/methods.md section 2): the class-token row of the attention (`need_cls_attn`,
-O(N C)), the head-averaged keys (`need_keys`), an additive bias (`attn_bias`, e.g. a log-size or a padding
-mask), or an attention of their own (`attend(q, k, v, scale) -> out`, e.g. DynamicViT's masked softmax while
-training). Which of these a block gets is decided per block by the method's `attention_args`.
+Attention runs fused (`scaled_dot_product_attention`; short CPU sequences explicitly, see `fused_is_slower`).
+Token-reduction methods get what they need from it without giving that up (docs/methods.md section 2): the
+class-token row of the attention (`need_cls_attn`, O(N C)), the head-averaged keys (`need_keys`), an additive
+bias (`attn_bias`, e.g. a log-size or a padding mask), or an attention of their own
+(`attend(q, k, v, scale) -> out`, e.g. DynamicViT's masked softmax while training). Which of these a block
+gets is decided per block by the method's `attention_args`.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -82,8 +84,33 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+# On CPU the fused kernel's fixed per-call and per-tile costs outweigh what it saves on short sequences, so a block
+# with at most EXPLICIT_MAX_TOKENS tokens computes softmax(q k^T) v explicitly when batch x heads is at least
+# EXPLICIT_MIN_BATCH_HEADS (2 threads, explicit / fused time: batch 128, 2 heads of 32: 0.92 at 98 tokens, 0.77 at
+# 69, 0.69 at 51, 0.40 at 28; batch 32, 6 heads of 64: 0.89 / 0.77 / 0.71 / 0.59; but 2.4x and 1.07x slower at
+# 197; at batch 1 with 2 heads 1.1-2.0x slower). Float32 only; docs/methods.md section 2.
+EXPLICIT_MAX_TOKENS = 100
+EXPLICIT_MIN_BATCH_HEADS = 6
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor] = None) -> Tensor:
+    """softmax(q k^T scale + mask) v for q (B, H, T, d), k, v (B, H, M, d): the value of
+    `scaled_dot_product_attention` (mask: additive float, or bool with True = attend), computed as two matmuls."""
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, T, M)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
+    return attn.softmax(dim=-1) @ v
+
+
+def fused_is_slower(q: Tensor, num_keys: int) -> bool:
+    """Whether `explicit_attention` beats the fused kernel for q (B, H, T, d) against num_keys keys (see above)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] <= EXPLICIT_MAX_TOKENS
+            and num_keys <= EXPLICIT_MAX_TOKENS and q.shape[0] * q.shape[1] >= EXPLICIT_MIN_BATCH_HEADS)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention, fused, with the extras token-reduction methods need.
+    """Multi-head self-attention, fused (explicit for short sequences on CPU), with the extras token-reduction
+    methods need.
 
     forward(x (B, T, C)) -> (out (B, T, C), cls_attn (B, T) or None, keys (B, T, d) or None)
     """
@@ -109,7 +136,10 @@ class Attention(nn.Module):
             out = attend(q, k, v, self.scale)
         else:
             mask = attn_bias.to(q.dtype) if attn_bias is not None else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if fused_is_slower(q, T):
+                out = explicit_attention(q, k, v, self.scale, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         cls_attn = class_attention(q[:, :, :1], k, self.scale, attn_bias) if need_cls_attn else None
         keys = head_mean(k) if need_keys else None
         out = self.proj(out.transpose(1, 2).reshape(B, T, C))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import rename_key
 from ..errors import CheckpointError, ConfigError, check_image_batch
-from ..layers import DropPath, init_trunc_normal
+from ..layers import DropPath, explicit_attention, init_trunc_normal
 from ..registry import register_model
 
 Size = tuple  # (H, W) of a token map
@@ -101,9 +101,7 @@ class SRAttention(nn.Module):
         k, v = self.keys_values(x, size)
         mask = None if kv_mask is None else kv_mask[:, None, None, :]  # (B, 1, 1, M)
         if q.device.type == "cpu" and K <= EXPLICIT_MAX_QUERIES and k.shape[2] <= EXPLICIT_MAX_KEYS:
-            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, K, M)
-            attn = attn if mask is None else attn.masked_fill(~mask, float("-inf"))
-            out = attn.softmax(dim=-1) @ v
+            out = explicit_attention(q, k, v, self.head_dim ** -0.5, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
         return self.proj(out.transpose(1, 2).reshape(B, K, C))
