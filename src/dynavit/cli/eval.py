@@ -111,6 +111,7 @@ def run(args) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
                 print(f"wrote {args.json}")
+        D.barrier(info)  # every rank done before the group is destroyed
     finally:
         D.teardown(info)
     return 0

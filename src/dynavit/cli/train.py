@@ -288,6 +288,7 @@ def run(args) -> int:
             print(json.dumps({k: summary[k] for k in ("top1", "top5", "gmacs", "params", "img_per_s", "steps")},
                              default=str))
             print(f"wrote {args.output}/model.safetensors, log.jsonl, summary.json")
+        D.barrier(info)  # every rank done before the group is destroyed (gloo aborted a rank still tearing down)
     finally:
         D.teardown(info)
     return 0
