@@ -272,3 +272,20 @@ def test_model_output_does_not_depend_on_attention_kernel(monkeypatch):
         monkeypatch.setattr(layers, "EXPLICIT_MAX_TOKENS", 0)
         fused = model(x)
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_pvt_v2_output_does_not_depend_on_attention_kernel(monkeypatch):
+    """PVTv2's short spatial-reduction attentions (explicit on CPU) give the fused kernel's logits."""
+    from dynavit import layers
+
+    torch.manual_seed(0)
+    model = dynavit.create_model("pvt_v2_tiny", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    calls, real = [], layers.explicit_attention
+    monkeypatch.setattr("dynavit.models.pvt_v2.explicit_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        explicit = model(x)
+        assert calls  # the explicit path ran
+        monkeypatch.setattr("dynavit.models.pvt_v2.EXPLICIT_MAX_QUERIES", 0)
+        fused = model(x)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
